@@ -1,0 +1,271 @@
+"""The Python API: a generator that embeds both models, with sync and async token streams.
+
+Example::
+
+    from pipesd import Generator
+
+    with Generator(draft="qwen2.5-coder-0.5b", target="qwen2.5-coder-1.5b") as gen:
+        for event in gen.stream("def fib(n):", max_new_tokens=64):
+            print(event.text, end="", flush=True)
+        result = gen.generate("def fib(n):", max_new_tokens=64)
+        print(result.stats.summary())
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from pipesd import models
+from pipesd.cloud.targets import load_target, pick_backend
+from pipesd.cloud.verifier import TargetSession
+from pipesd.decoding import GenerationResult, GenerationStats, LocalDecoder, TokenEvent
+from pipesd.edge.drafter import Drafter
+from pipesd.errors import ModelError, TokenizerMismatchError
+from pipesd.llama_backend import LlamaCppModel, tokenizer_fingerprint
+from pipesd.policies import POLICIES, make_policy
+from pipesd.sampling import SamplingParams
+
+
+def hf_token_texts(directory: Path) -> list[bytes]:
+    """Token texts in id order from a Hugging Face ``tokenizer.json``."""
+    path = directory / "tokenizer.json"
+    if not path.is_file():
+        raise ModelError(f"{directory} has no tokenizer.json: cannot check its tokenizer")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    by_id: dict[int, str] = {int(i): t for t, i in data["model"]["vocab"].items()}
+    for added in data.get("added_tokens", []):
+        by_id[int(added["id"])] = added["content"]
+    size = max(by_id) + 1
+    return [by_id.get(i, "").encode("utf-8") for i in range(size)]
+
+
+def token_texts_of(path: Path) -> list[bytes]:
+    if path.is_dir():
+        return hf_token_texts(path)
+    vocab = LlamaCppModel(path, vocab_only=True)
+    try:
+        return vocab.token_texts()
+    finally:
+        vocab.close()
+
+
+def check_tokenizers(draft_texts: Sequence[bytes], target_texts: Sequence[bytes],
+                     draft: str, target: str) -> None:  # fmt: skip
+    """Refuses a draft/target pair whose vocabularies differ."""
+    if tokenizer_fingerprint(draft_texts) == tokenizer_fingerprint(target_texts):
+        return
+    if len(draft_texts) != len(target_texts):
+        detail = f"vocabulary sizes {len(draft_texts)} and {len(target_texts)}"
+    else:
+        first = next(i for i, (a, b) in enumerate(zip(draft_texts, target_texts)) if a != b)
+        detail = f"token {first} is {draft_texts[first]!r} vs {target_texts[first]!r}"
+    raise TokenizerMismatchError(
+        f"draft {draft} and target {target} do not share a tokenizer ({detail}); "
+        "speculative decoding needs the same vocabulary on both sides"
+    )
+
+
+class TokenStream:
+    """An iterator of TokenEvent; ``result`` is available once it is exhausted."""
+
+    def __init__(self, events: Iterator[TokenEvent], finish: Any) -> None:
+        self._events = events
+        self._finish = finish
+        self._result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        return self
+
+    def __next__(self) -> TokenEvent:
+        try:
+            return next(self._events)
+        except StopIteration:
+            if self._result is None:
+                self._result = self._finish()
+            raise
+
+    @property
+    def result(self) -> GenerationResult:
+        if self._result is None:
+            raise RuntimeError("the stream has not finished; iterate it to the end first")
+        return self._result
+
+
+class Generator:
+    """Speculative decoding with a llama.cpp draft and a target model, in this process.
+
+    Args:
+        draft: a registry name (``pipesd models list``) or a GGUF path; fetched if missing.
+        target: a registry name, a GGUF path or a Hugging Face directory.
+        target_backend: ``auto`` (torch on CUDA, llama.cpp on CPU), ``torch`` or ``llama.cpp``.
+        device: ``cpu`` or ``cuda[:N]`` for the torch backend.
+        policy: ``vanilla`` (default), ``target-only`` or ``draft-only``.
+        draft_len: drafts per verification for ``vanilla``.
+        n_ctx: context size (prompt plus new tokens) of both models.
+        draft_threads, target_threads: CPU threads for each model.
+    """
+
+    def __init__(
+        self,
+        *,
+        draft: str = models.DEFAULT_DRAFT,
+        target: str = models.DEFAULT_TARGET,
+        target_backend: str = "auto",
+        device: str = "cpu",
+        policy: str = "vanilla",
+        draft_len: int = 6,
+        n_ctx: int = 4096,
+        draft_threads: int = 1,
+        target_threads: int = 1,
+    ) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}; known: {', '.join(POLICIES)}")
+        self.policy_name = policy
+        self.draft_len = draft_len
+        make_policy(policy, draft_len=draft_len)  # validates the arguments before any load
+        draft_path = models.resolve(draft)
+        if draft_path.is_dir():
+            raise ModelError(f"the draft runs in llama.cpp and needs a GGUF file, got {draft_path}")
+        self.draft_name, self.target_name = draft, target
+        self.lock = threading.Lock()
+        needs_target = policy != "draft-only"
+        needs_draft = policy != "target-only"
+        target_path = models.resolve(target) if needs_target else None
+        if target_path is not None:
+            chosen = pick_backend(target_backend, device, target_path)
+            # Tokenizers are compared before anything heavy is loaded.
+            draft_vocab = LlamaCppModel(draft_path, vocab_only=True)
+            check_tokenizers(draft_vocab.token_texts(), token_texts_of(target_path), draft, target)
+            draft_vocab.close()
+        self.drafting = needs_draft
+        self.draft_model = LlamaCppModel(
+            draft_path, n_ctx=n_ctx, n_threads=draft_threads, vocab_only=not needs_draft
+        )
+        self.target_backend = chosen if target_path is not None else None
+        self.target = (
+            load_target(
+                target_path, backend=chosen, device=device, n_ctx=n_ctx, threads=target_threads
+            )
+            if target_path is not None
+            else None
+        )
+        self.n_ctx = n_ctx
+
+    # ------------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        self.draft_model.close()
+        if isinstance(self.target, LlamaCppModel):
+            self.target.close()
+
+    def __enter__(self) -> Generator:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:  # fmt: skip
+        self.close()
+
+    # ------------------------------------------------------------------- decoding
+    def tokenize(self, text: str) -> list[int]:
+        return self.draft_model.tokenize(text)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self.draft_model.detokenize(tokens).decode("utf-8", errors="replace")
+
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int = 40,
+        top_p: float = 0.95,
+        seed: int | None = None,
+        policy: str | None = None,
+        draft_len: int | None = None,
+    ) -> TokenStream:
+        """Streams output tokens as they are committed. One stream at a time per Generator.
+
+        ``policy`` and ``draft_len`` override the Generator's for this call, so one set of
+        loaded models serves every policy (``target-only`` needs the target loaded, the others
+        the draft).
+        """
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        prompt_ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        name = policy or self.policy_name
+        rule = make_policy(name, draft_len=draft_len or self.draft_len)
+        if name != "target-only" and not self.drafting:
+            raise ValueError(f"policy {name} needs the draft model, loaded as tokenizer only")
+        decoder = LocalDecoder(
+            tokenizer=self.draft_model,
+            drafter=Drafter(self.draft_model, params) if name != "target-only" else None,
+            target=TargetSession(self.target, params)
+            if self.target is not None and name != "draft-only"
+            else None,
+            policy_name=name,
+            policy=rule,
+        )
+        stats = GenerationStats(policy=name)
+        tokens: list[int] = []
+        pieces: list[str] = []
+
+        def events() -> Iterator[TokenEvent]:
+            if not self.lock.acquire(blocking=False):
+                raise RuntimeError("this Generator is already streaming; use one per request")
+            try:
+                for ev in decoder.stream(prompt_ids, max_new_tokens=max_new_tokens, stats=stats):
+                    if ev.token >= 0:
+                        tokens.append(ev.token)
+                    pieces.append(ev.text)
+                    yield ev
+            finally:
+                self.lock.release()
+
+        def finish() -> GenerationResult:
+            return GenerationResult("".join(pieces), tokens, stats, prompt_ids)
+
+        return TokenStream(events(), finish)
+
+    def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> GenerationResult:
+        """Decodes to the end and returns text, token ids and statistics."""
+        s = self.stream(prompt, **kwargs)
+        for _ in s:
+            pass
+        return s.result
+
+    async def astream(self, prompt: str | Sequence[int], **kwargs: Any) -> AsyncIterator[TokenEvent]:
+        """The same stream for asyncio: decoding runs in a worker thread."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[TokenEvent | BaseException | None] = asyncio.Queue()
+
+        def work() -> None:
+            try:
+                for ev in self.stream(prompt, **kwargs):
+                    loop.call_soon_threadsafe(queue.put_nowait, ev)
+            except BaseException as e:  # handed to the consumer, raised there
+                loop.call_soon_threadsafe(queue.put_nowait, e)
+            else:
+                loop.call_soon_threadsafe(queue.put_nowait, None)
+
+        worker = loop.run_in_executor(None, work)
+        while True:
+            item = await queue.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+        await worker
+
+    async def agenerate(self, prompt: str | Sequence[int], **kwargs: Any) -> GenerationResult:
+        """``generate`` for asyncio: decoding runs in a worker thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, lambda: self.generate(prompt, **kwargs))
+

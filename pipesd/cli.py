@@ -1,0 +1,166 @@
+"""The ``pipesd`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from collections.abc import Sequence
+
+from pipesd import models
+from pipesd.cloud.targets import BACKENDS
+from pipesd.errors import PipesdError
+from pipesd.policies import POLICIES
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "generate",
+        help="generate text with speculative decoding",
+        description="Generate a continuation of PROMPT. Text streams to stdout, then one "
+        "statistics line on stderr (or one JSON object with --json).",
+    )
+    p.add_argument("prompt", metavar="PROMPT", help="the prompt text; '-' reads standard input")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--local", action="store_true", help="run draft and target in this process (default)"
+    )
+    p.add_argument("--draft", default=models.DEFAULT_DRAFT, help="draft model name or GGUF path")
+    p.add_argument("--target", default=models.DEFAULT_TARGET,
+                   help="target model name, GGUF path or Hugging Face directory")  # fmt: skip
+    p.add_argument("--target-backend", choices=BACKENDS, default="auto",
+                   help="auto: torch on CUDA, llama.cpp on CPU (default auto)")  # fmt: skip
+    p.add_argument("--device", default="cpu", help="torch target device: cpu or cuda[:N]")
+    p.add_argument("--policy", choices=list(POLICIES), default="vanilla",
+                   help="; ".join(f"{k}: {v}" for k, v in POLICIES.items()))  # fmt: skip
+    p.add_argument("--draft-len", type=int, default=6, help="drafts per verification (vanilla)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=40, help="sampling: top-k (0 = off)")
+    p.add_argument("--top-p", type=float, default=0.95, help="sampling: top-p")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible runs)")
+    p.add_argument("--ctx", type=int, default=4096, help="context size (prompt + new tokens)")
+    p.add_argument("--draft-threads", type=int, default=1)
+    p.add_argument("--target-threads", type=int, default=1)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def _add_models(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("models", help="list or fetch the registry's models")
+    msub = p.add_subparsers(dest="models_cmd", required=True)
+    msub.add_parser("list", help="the registry and what is in the cache")
+    f = msub.add_parser("fetch", help="download, assemble and verify models")
+    f.add_argument("names", nargs="*", metavar="NAME",
+                   help=f"default: {models.DEFAULT_DRAFT} {models.DEFAULT_TARGET}")  # fmt: skip
+    f.add_argument("--force", action="store_true", help="fetch again even if cached")
+    f.add_argument("--verify", action="store_true",
+                   help="recompute the SHA-256 of cached models too")  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pipesd", description="Cloud-edge speculative decoding with exact output."
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    _add_models(sub)
+    return parser
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    if args.models_cmd == "list":
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"models (cache: {models.pipesd_home() / 'models'})")
+        for col in ("name", "role", "size", "cached", "description"):
+            table.add_column(col)
+        for spec in models.REGISTRY.values():
+            table.add_row(
+                spec.name,
+                spec.role,
+                f"{spec.size / 2**20:.0f} MiB",
+                "yes" if models.is_fetched(spec) else "no",
+                spec.description,
+            )
+        Console().print(table)
+        return 0
+    names = args.names or [models.DEFAULT_DRAFT, models.DEFAULT_TARGET]
+    for name in names:
+        if name not in models.REGISTRY:
+            raise models.ModelError(
+                f"unknown model {name!r}; known: {', '.join(sorted(models.REGISTRY))}"
+            )
+    for name in names:
+        cached = models.is_fetched(models.REGISTRY[name])
+        path = models.fetch(name, force=args.force)
+        if cached and not args.force and args.verify and not models.verify(name):
+            raise models.ModelError(
+                f"cached {name} fails its checksum; run `pipesd models fetch --force {name}`"
+            )
+        print(f"{name}: {path}" + (" (cached)" if cached and not args.force else ""))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from pipesd.api import Generator
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    gen = Generator(
+        draft=args.draft,
+        target=args.target,
+        target_backend=args.target_backend,
+        device=args.device,
+        policy=args.policy,
+        draft_len=args.draft_len,
+        n_ctx=args.ctx,
+        draft_threads=args.draft_threads,
+        target_threads=args.target_threads,
+    )
+    with gen:
+        stream = gen.stream(
+            prompt,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
+        for event in stream:
+            if not args.json:
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+        result = stream.result
+    if args.json:
+        stats = result.stats.to_dict()
+        stats["target_backend"] = gen.target_backend
+        print(json.dumps({"text": result.text, "tokens": result.tokens, "stats": stats}))
+    else:
+        sys.stdout.write("\n")
+        backend = f", target on {gen.target_backend}" if gen.target_backend else ""
+        print(result.stats.summary() + backend, file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "models":
+            return cmd_models(args)
+        return cmd_generate(args)
+    except (PipesdError, ValueError) as e:
+        if args.debug:
+            traceback.print_exc()
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"pipesd: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pipesd: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Shared fixtures: the real models (fetched through the registry) and perturbed copies."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipesd import models
+from pipesd.cloud.weights import read_gguf
+
+F32 = 0  # ggml type id of float32 tensors
+
+
+def perturbed_copy(src: Path, dest: Path, *, sigma: float, seed: int) -> Path:
+    """A copy of a GGUF model whose float32 norm weights are scaled by 1 + N(0, sigma).
+
+    The quantised matrices stay byte-identical, so the copy is the same model family with a
+    controllable amount of disagreement: a draft that often, or rarely, matches its original.
+    """
+    shutil.copyfile(src, dest)
+    info = read_gguf(dest)
+    rng = np.random.default_rng(seed)
+    with open(dest, "r+b") as f:
+        for t in info.tensors.values():
+            if t.qtype != F32 or not t.name.endswith("norm.weight"):
+                continue
+            f.seek(t.offset)
+            w = np.frombuffer(f.read(t.nbytes), dtype="<f4").copy()
+            w *= 1.0 + sigma * rng.standard_normal(w.shape).astype(np.float32)
+            f.seek(t.offset)
+            f.write(w.astype("<f4").tobytes())
+    return dest
+
+
+@pytest.fixture(scope="session")
+def smollm_path() -> Path:
+    return models.resolve("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def real_draft_path() -> Path:
+    return models.resolve(models.DEFAULT_DRAFT)
+
+
+@pytest.fixture(scope="session")
+def real_target_path() -> Path:
+    return models.resolve(models.DEFAULT_TARGET)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def mild_draft(smollm_path: Path, model_dir: Path) -> Path:
+    """smollm2 with mildly perturbed norms: agrees with the original most of the time."""
+    return perturbed_copy(smollm_path, model_dir / "smollm2-mild.gguf", sigma=0.08, seed=1)
+
+
+@pytest.fixture(scope="session")
+def wild_draft(smollm_path: Path, model_dir: Path) -> Path:
+    """smollm2 with strongly perturbed norms: disagrees with the original often."""
+    return perturbed_copy(smollm_path, model_dir / "smollm2-wild.gguf", sigma=0.6, seed=2)
+
+
+# A divergence between speculative and target-only greedy output is a genuine tie only when the
+# target's top-two logits at that position are closer than the backend's batch-shape noise:
+#   torch fp32: batched and one-token matmuls differ by ~1e-4 in the logits; margin 0.02.
+#   llama.cpp: its CPU kernels differ by ubatch size class (1, 2-3, 4-7, 8+), measured up to
+#     0.9 on the 1.5B Q4_K and 1.3 on smollm2 Q4_1 for the same position; margin 1.5.
+TIE_MARGIN = {"torch": 0.02, "llama.cpp": 1.5}
+
+
+def top2_margin(target, context: list[int]) -> float:
+    """The target's top-1 minus top-2 logit for the token after ``context`` (one-token step)."""
+    target.truncate(0)
+    if len(context) > 1:
+        target.decode(context[:-1], all_logits=False)
+    row = target.decode([context[-1]], all_logits=True)[-1]
+    top = np.partition(row, -2)[-2:]
+    target.truncate(0)
+    return float(abs(top[1] - top[0]))
+
+
+def check_lossless(gen, prompt: list[int], n_new: int, backend: str, *, max_restarts: int = 3,
+                   **spec_kwargs) -> tuple[int, list[tuple[int, float]], int]:  # fmt: skip
+    """Compares speculative output with target-only output token for token.
+
+    On a divergence, asserts it is a genuine tie (see TIE_MARGIN), then restarts both from the
+    reference prefix so the rest of the budget is still checked. Returns (tokens compared,
+    [(position, margin)] of ties, rollbacks seen).
+    """
+    compared, ties, rollbacks = 0, [], 0
+    context, remaining = list(prompt), n_new
+    for _ in range(max_restarts + 1):
+        ref = gen.generate(context, max_new_tokens=remaining, policy="target-only").tokens
+        res = gen.generate(context, max_new_tokens=remaining, **spec_kwargs)
+        rollbacks += res.stats.rollbacks
+        spec = res.tokens
+        first = next((i for i, (a, b) in enumerate(zip(ref, spec)) if a != b), None)
+        if first is None:
+            assert len(spec) == len(ref), f"lengths differ: {len(spec)} vs {len(ref)}"
+            return compared + len(ref), ties, rollbacks
+        margin = top2_margin(gen.target, context + ref[:first])
+        pos = len(context) - len(prompt) + first
+        assert margin <= TIE_MARGIN[backend], (
+            f"divergence at new token {pos}: reference {ref[first]} vs speculative "
+            f"{spec[first]}, top-two margin {margin:.4f} > {TIE_MARGIN[backend]} ({backend})"
+        )
+        ties.append((pos, margin))
+        compared += first + 1
+        context += ref[: first + 1]
+        remaining -= first + 1
+        if remaining <= 0:
+            return compared, ties, rollbacks
+    return compared, ties, rollbacks
