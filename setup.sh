@@ -10,11 +10,12 @@ PYTHON="${PYTHON:-python3}"
 log() { printf '\033[1m== %s\033[0m\n' "$*" >&2; }
 
 # GoogleTest for the C++ unit tests, from the system's packages (nothing downloaded by CMake).
-if [ "$job" = test ] && { [ ! -f /usr/include/gtest/gtest.h ] || ! command -v cmake >/dev/null; }; then
-  log "installing libgtest-dev and cmake"
+if [ "$job" = test ] && { [ ! -f /usr/include/gtest/gtest.h ] || ! command -v cmake >/dev/null \
+    || ! command -v clang-format >/dev/null; }; then
+  log "installing libgtest-dev, cmake and clang-format"
   sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
   $sudo_cmd apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq libgtest-dev cmake g++ >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq libgtest-dev cmake g++ clang-format >/dev/null
 fi
 
 if [ ! -x .venv/bin/python ]; then
@@ -41,6 +42,13 @@ case "$job" in
       $'def quicksort(arr):\n    """Sort a list of numbers."""\n'
     ;;
   test)
+    log "lint: ruff, mypy, clang-format"
+    .venv/bin/ruff check pipesd tests bench
+    .venv/bin/ruff format --check pipesd tests bench
+    .venv/bin/mypy pipesd
+    if command -v clang-format >/dev/null; then
+      clang-format --dry-run --Werror csrc/include/pipesd/*.h csrc/*/*.cc bindings/*.cc tests/cpp/*.cc
+    fi
     log "C++ unit tests (ctest)"
     cmake -S . -B build/cpp-tests -DPIPESD_BUILD_TESTS=ON -DCMAKE_BUILD_TYPE=Debug >/dev/null
     cmake --build build/cpp-tests -j 2 >/dev/null

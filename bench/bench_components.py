@@ -150,18 +150,18 @@ def table_markdown(r: dict[str, Any]) -> str:
         "",
         f"Draft `{models.DEFAULT_DRAFT}` (llama.cpp): **{r['draft_ms_per_token']:.1f} ms/token**.",
         "",
-        "| target backend (`" + models.DEFAULT_TARGET + "`) | decode ms/token | "
+        "| target backend (`"
+        + models.DEFAULT_TARGET
+        + "`) | decode ms/token | "
         + " | ".join(f"verify {k}" for k in VERIFY_SIZES)
         + " | load s |",
         "|---|---:|" + "---:|" * len(VERIFY_SIZES) + "---:|",
     ]
     for name, t in r["targets"].items():
         cells = " | ".join(f"{t['verify_ms'][k]:.0f}" for k in VERIFY_SIZES)
-        lines.append(
-            f"| {name} | {t['decode_ms_per_token']:.1f} | {cells} | {t['load_s']:.1f} |"
-        )
+        lines.append(f"| {name} | {t['decode_ms_per_token']:.1f} | {cells} | {t['load_s']:.1f} |")
     lines.append("")
-    lines.append("Verify times in ms: one forward pass over the last committed token plus k drafts.")
+    lines.append("Verify times in ms: one forward pass over the last committed token and k drafts.")
     return "\n".join(lines)
 
 

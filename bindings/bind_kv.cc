@@ -49,8 +49,8 @@ void bind_kv(py::module_& m) {
       .def("append_drafts", &SpeculationLedger::AppendDrafts, py::arg("drafts"))
       .def("mark_sent", &SpeculationLedger::MarkSent, py::arg("n"))
       .def("submit", &SpeculationLedger::Submit, py::arg("count"))
-      .def("apply_verdict", &SpeculationLedger::ApplyVerdict, py::arg("epoch"),
-           py::arg("accepted"), py::arg("next_token"))
+      .def("apply_verdict", &SpeculationLedger::ApplyVerdict, py::arg("epoch"), py::arg("accepted"),
+           py::arg("next_token"))
       .def("commit_drafts", &SpeculationLedger::CommitDrafts, py::arg("n"))
       .def("discard_drafts", &SpeculationLedger::DiscardDrafts)
       .def("note_draft_kv", &SpeculationLedger::NoteDraftKv, py::arg("length"))

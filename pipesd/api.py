@@ -63,7 +63,8 @@ def check_tokenizers(draft_texts: Sequence[bytes], target_texts: Sequence[bytes]
     if len(draft_texts) != len(target_texts):
         detail = f"vocabulary sizes {len(draft_texts)} and {len(target_texts)}"
     else:
-        first = next(i for i, (a, b) in enumerate(zip(draft_texts, target_texts)) if a != b)
+        pairs = enumerate(zip(draft_texts, target_texts, strict=True))
+        first = next(i for i, (a, b) in pairs if a != b)
         detail = f"token {first} is {draft_texts[first]!r} vs {target_texts[first]!r}"
     raise TokenizerMismatchError(
         f"draft {draft} and target {target} do not share a tokenizer ({detail}); "
@@ -240,7 +241,9 @@ class Generator:
             pass
         return s.result
 
-    async def astream(self, prompt: str | Sequence[int], **kwargs: Any) -> AsyncIterator[TokenEvent]:
+    async def astream(
+        self, prompt: str | Sequence[int], **kwargs: Any
+    ) -> AsyncIterator[TokenEvent]:
         """The same stream for asyncio: decoding runs in a worker thread."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TokenEvent | BaseException | None] = asyncio.Queue()
@@ -268,4 +271,3 @@ class Generator:
         """``generate`` for asyncio: decoding runs in a worker thread."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, lambda: self.generate(prompt, **kwargs))
-

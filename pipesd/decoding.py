@@ -18,6 +18,7 @@ from pipesd.edge.drafter import Drafter
 from pipesd.errors import PromptTooLongError
 from pipesd.llama_backend import LlamaCppModel
 from pipesd.policies.base import DraftPolicy
+from pipesd.sampling import SparseDist
 
 
 @dataclass(frozen=True)
@@ -205,7 +206,7 @@ class LocalDecoder:
             return
         assert self.target is not None
         drafts: list[int] = []
-        dists = []
+        dists: list[SparseDist] = []
         if self.policy is not None:
             assert self.drafter is not None
             # k drafts yield up to k + 1 tokens: never draft past the budget.
@@ -213,7 +214,8 @@ class LocalDecoder:
             while len(drafts) < room:
                 d = self.drafter.draft(ledger)
                 drafts.append(d.token)
-                dists.append(d.dist)
+                if d.dist is not None:
+                    dists.append(d.dist)
                 stats.drafted += 1
                 if d.token in self.eog or self.policy.should_verify(len(drafts), d):
                     break

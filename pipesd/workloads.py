@@ -40,7 +40,9 @@ def jsonl_prompts(path: Path) -> list[str]:
                 obj = json.loads(line)
                 prompts.append(str(obj["prompt"]))
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise WorkloadError(f"{path}:{n}: not a JSON object with a 'prompt' field") from None
+                raise WorkloadError(
+                    f"{path}:{n}: not a JSON object with a 'prompt' field"
+                ) from None
     return prompts
 
 

@@ -12,9 +12,9 @@ SpeculationLedger::SpeculationLedger(int64_t max_len) : max_len_(max_len) {
 
 void SpeculationLedger::Begin(const std::vector<int32_t>& prompt) {
   PIPESD_CHECK(!prompt.empty(), LedgerError, "a sequence needs a prompt of at least one token");
-  PIPESD_CHECK(static_cast<int64_t>(prompt.size()) < max_len_, LedgerError,
-               "prompt of " << prompt.size() << " tokens leaves no room in a context of "
-                            << max_len_);
+  PIPESD_CHECK(
+      static_cast<int64_t>(prompt.size()) < max_len_, LedgerError,
+      "prompt of " << prompt.size() << " tokens leaves no room in a context of " << max_len_);
   for (int32_t t : prompt) PIPESD_CHECK(t >= 0, LedgerError, "negative token id " << t);
   tokens_ = prompt;
   committed_len_ = static_cast<int64_t>(prompt.size());

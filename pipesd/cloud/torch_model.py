@@ -63,9 +63,7 @@ class KVCache:
         self.length = 0
 
 
-def linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for ``x [T, in]``, in the faster GEMM form on CPU if T > 1."""
     if x.shape[0] == 1 or x.device.type != "cpu":
         return F.linear(x, weight, bias)

@@ -31,9 +31,11 @@ Logits = npt.NDArray[np.float32]
 class TargetBackend(Protocol):
     """What a target model offers the verifier: one sequence, explicit KV control."""
 
-    vocab_size: int
-    n_ctx: int
-    kv_len: int
+    @property
+    def n_ctx(self) -> int: ...
+
+    @property
+    def kv_len(self) -> int: ...
 
     def decode(self, tokens: Sequence[int], *, all_logits: bool) -> Logits: ...
 
@@ -74,7 +76,7 @@ def verify_sampled(
             f"{len(drafts)} draft tokens came with {len(draft_dists)} draft distributions"
         )
     vocab = logits.shape[1]
-    for i, (x, q) in enumerate(zip(drafts, draft_dists)):
+    for i, (x, q) in enumerate(zip(drafts, draft_dists, strict=True)):
         p = truncated(logits[i], params)
         p_x = p.prob_of(int(x))
         q_x = q.prob_of(int(x))

@@ -156,12 +156,30 @@ def check_state(
 # --------------------------------------------------------------------------
 
 _SCALAR_FORMATS: dict[int, str] = {
-    0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i",
-    6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d",
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
 }
 _NUMPY_DTYPES: dict[int, str] = {
-    0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4",
-    6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8", 12: "<f8",
+    0: "<u1",
+    1: "<i1",
+    2: "<u2",
+    3: "<i2",
+    4: "<u4",
+    5: "<i4",
+    6: "<f4",
+    7: "<u1",
+    10: "<u8",
+    11: "<i8",
+    12: "<f8",
 }
 _STRING, _ARRAY = 8, 9
 
@@ -212,7 +230,7 @@ class _Cursor:
         n = self.unpack("<Q")
         if self.pos + n > len(self.buf):
             raise ValueError(f"{self.path}: truncated GGUF header")
-        raw = self.buf[self.pos:self.pos + n]
+        raw = self.buf[self.pos : self.pos + n]
         self.pos += n
         return raw.decode("utf-8", errors="replace")
 
@@ -342,9 +360,11 @@ def _config_from_parsed(g: GGUFFile) -> DecoderConfig:
     # shorter than a padded embedding matrix; logits span the matrix's rows.
     vocab = emb.shape[0]
     meta_vocab = md.get(f"{arch}.vocab_size", md.get("tokenizer.ggml.tokens"))
-    if meta_vocab is not None and (
-        len(meta_vocab) if isinstance(meta_vocab, GGUFStringArray) else int(meta_vocab)
-    ) > vocab:
+    if (
+        meta_vocab is not None
+        and (len(meta_vocab) if isinstance(meta_vocab, GGUFStringArray) else int(meta_vocab))
+        > vocab
+    ):
         raise ValueError(f"{g.path}: vocabulary is larger than token_embd.weight ({vocab} rows)")
 
     return DecoderConfig(
@@ -377,9 +397,7 @@ def config_from_hf(path: str | os.PathLike[str]) -> DecoderConfig:
     d = Path(path)
     cfg_path = d / "config.json"
     if not d.is_dir():
-        raise FileNotFoundError(
-            f"{d}: no such directory (expected a Hugging Face model directory)"
-        )
+        raise FileNotFoundError(f"{d}: no such directory (expected a Hugging Face model directory)")
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path}: no such file (expected a Hugging Face config.json)")
     try:
@@ -460,12 +478,12 @@ def _dequantize(buf: mmap.mmap, info: GGUFTensorInfo) -> torch.Tensor:
     step = max(1, _DEQUANT_CHUNK_ELEMENTS // cols)
     for r in range(0, rows, step):
         try:
-            chunk = dequantize(raw[r:r + step], qtype)
+            chunk = dequantize(raw[r : r + step], qtype)
         except NotImplementedError:
             raise ValueError(
                 f"tensor {info.name!r}: ggml type {qtype.name} cannot be dequantised"
             ) from None
-        out_np[r:r + step] = chunk.reshape(-1, cols)
+        out_np[r : r + step] = chunk.reshape(-1, cols)
     return out.reshape(info.shape)
 
 
@@ -500,7 +518,7 @@ def _write_safetensors_streaming(
             for name, tensor in produce:
                 if f.tell() - base != offsets[name] or tuple(tensor.shape) != shapes[name]:
                     raise RuntimeError(f"internal error writing {name} to {dest}")
-                f.write(memoryview(tensor.contiguous().numpy()).cast("B"))
+                f.write(tensor.contiguous().numpy().data.cast("B"))
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp_name, 0o644)  # mkstemp creates 0600
@@ -586,7 +604,7 @@ def load_hf_state(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             raise ValueError(f"{f}: not a readable safetensors file ({e})") from None
         for name, tensor in shard.items():
             if name.startswith("model."):
-                name = name[len("model."):]
+                name = name[len("model.") :]
             elif name != "lm_head.weight":
                 raise ValueError(f"{f}: unexpected tensor {name!r}")
             if name.endswith("rotary_emb.inv_freq"):

@@ -38,6 +38,9 @@ class Drafter:
         """Drafts the token after the ledger's last token (committed or pending)."""
         t0 = time.perf_counter()
         feed = ledger.tokens_from(self.model.kv_len)
+        if not feed:  # every token is cached but no logits are kept: re-evaluate the last one
+            self.model.truncate(self.model.kv_len - 1)
+            feed = ledger.tokens_from(self.model.kv_len)
         logits = self.model.decode(feed, all_logits=False)[0]
         ledger.note_draft_kv(self.model.kv_len)
         if self.params.greedy:

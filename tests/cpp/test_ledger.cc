@@ -1,10 +1,9 @@
-#include "pipesd/ledger.h"
-
 #include <gtest/gtest.h>
 
 #include <random>
 
 #include "pipesd/errors.h"
+#include "pipesd/ledger.h"
 
 namespace pipesd {
 namespace {

@@ -62,6 +62,12 @@ def mild_draft(smollm_path: Path, model_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sampling_draft(smollm_path: Path, model_dir: Path) -> Path:
+    """smollm2 with perturbed norms accepting ~40% of sampled drafts at temperature 1."""
+    return perturbed_copy(smollm_path, model_dir / "smollm2-sampling.gguf", sigma=0.2, seed=1)
+
+
+@pytest.fixture(scope="session")
 def wild_draft(smollm_path: Path, model_dir: Path) -> Path:
     """smollm2 with strongly perturbed norms: disagrees with the original often."""
     return perturbed_copy(smollm_path, model_dir / "smollm2-wild.gguf", sigma=0.6, seed=2)
@@ -101,7 +107,7 @@ def check_lossless(gen, prompt: list[int], n_new: int, backend: str, *, max_rest
         res = gen.generate(context, max_new_tokens=remaining, **spec_kwargs)
         rollbacks += res.stats.rollbacks
         spec = res.tokens
-        first = next((i for i, (a, b) in enumerate(zip(ref, spec)) if a != b), None)
+        first = next((i for i, (a, b) in enumerate(zip(ref, spec, strict=False)) if a != b), None)
         if first is None:
             assert len(spec) == len(ref), f"lengths differ: {len(spec)} vs {len(ref)}"
             return compared + len(ref), ties, rollbacks

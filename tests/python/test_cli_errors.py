@@ -91,9 +91,7 @@ def test_unknown_model_to_fetch() -> None:
 def test_checksum_mismatch_keeps_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PIPESD_HOME", str(tmp_path))
     spec = models.REGISTRY["smollm2-135m"]
-    monkeypatch.setitem(
-        models.REGISTRY, spec.name, dataclasses.replace(spec, sha256="0" * 64)
-    )
+    monkeypatch.setitem(models.REGISTRY, spec.name, dataclasses.replace(spec, sha256="0" * 64))
     with pytest.raises(ModelError, match="checksum mismatch for smollm2-135m"):
         models.fetch(spec.name, progress=False)
     assert not list((tmp_path / "models").glob("smollm2*")), "a bad download was left behind"

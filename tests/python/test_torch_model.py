@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -67,11 +66,7 @@ def prompt_ids() -> list[int]:
 def _unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Undo llama.cpp's convert-time q/k row permutation (interleaved -> rotate_half)."""
     head_dim = w.shape[0] // n_heads
-    return (
-        w.reshape(n_heads, head_dim // 2, 2, *w.shape[1:])
-        .transpose(1, 2)
-        .reshape(w.shape)
-    )
+    return w.reshape(n_heads, head_dim // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 def _write_hf_dir(model: DecoderLM, dest: Path, *, tied: bool) -> Path:
@@ -134,9 +129,7 @@ def _greedy(model: DecoderLM, prompt: list[int], steps: int) -> tuple[list[int],
 # --------------------------------------------------------------------------
 
 
-def _llama_cpp_greedy(
-    llm: Any, prompt: list[int], steps: int
-) -> tuple[list[int], torch.Tensor]:
+def _llama_cpp_greedy(llm: Any, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
     """Greedy decode with llama.cpp; returns generated ids and logits for every position."""
     llm.reset()
     llm.eval(prompt)
@@ -204,8 +197,13 @@ def test_logits_match_llama_cpp_exactly_on_f32_weights(
     f32_path = tmp_path / "f32.gguf"
     _write_f32_gguf(smollm_path, f32_path, model.state_dict())
     llm = llama_cpp.Llama(
-        model_path=str(f32_path), n_ctx=512, n_threads=1, logits_all=True, verbose=False,
-        type_k=0, type_v=0,  # GGML_TYPE_F32: no f16 rounding of the KV cache
+        model_path=str(f32_path),
+        n_ctx=512,
+        n_threads=1,
+        logits_all=True,
+        verbose=False,
+        type_k=0,
+        type_v=0,  # GGML_TYPE_F32: no f16 rounding of the KV cache
     )
     try:
         prompt = llm.tokenize(PROMPT, add_bos=True)

@@ -37,11 +37,11 @@ class ScheduleError : public PipesdError {
 }  // namespace pipesd
 
 // Throws Error with a message built by streaming `msg` when `cond` is false.
-#define PIPESD_CHECK(cond, Error, msg)                       \
-  do {                                                       \
-    if (!(cond)) {                                           \
-      std::ostringstream pipesd_check_os_;                   \
-      pipesd_check_os_ << msg;                               \
-      throw ::pipesd::Error(pipesd_check_os_.str());         \
-    }                                                        \
+#define PIPESD_CHECK(cond, Error, msg)               \
+  do {                                               \
+    if (!(cond)) {                                   \
+      std::ostringstream pipesd_check_os_;           \
+      pipesd_check_os_ << msg;                       \
+      throw ::pipesd::Error(pipesd_check_os_.str()); \
+    }                                                \
   } while (0)

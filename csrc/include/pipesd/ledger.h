@@ -29,17 +29,17 @@ struct VerifyWindow {
 
 // What a verdict means for both sides. All lengths are absolute token positions.
 struct VerdictDecision {
-  bool stale = false;          // belonged to a discarded epoch or no window: nothing applied
-  int32_t accepted = 0;        // drafts of the window the target accepted
-  int32_t next_token = -1;     // the target's correction (or bonus) token, now committed
-  bool bonus = false;          // the whole window was accepted; next_token is the bonus
-  int64_t committed_len = 0;   // committed length after the verdict (includes next_token)
-  int64_t draft_keep = 0;      // the drafter truncates its KV cache to this length
-  int64_t target_keep = 0;     // the target truncates its KV cache to this length
-  int32_t discarded = 0;       // drafts thrown away (rejected, or drafted beyond the window)
-  int32_t kept_beyond = 0;     // drafts made beyond the window that stay valid pending drafts
-  bool rolled_back = false;    // the epoch advanced
-  uint64_t epoch = 0;          // the epoch after the verdict
+  bool stale = false;         // belonged to a discarded epoch or no window: nothing applied
+  int32_t accepted = 0;       // drafts of the window the target accepted
+  int32_t next_token = -1;    // the target's correction (or bonus) token, now committed
+  bool bonus = false;         // the whole window was accepted; next_token is the bonus
+  int64_t committed_len = 0;  // committed length after the verdict (includes next_token)
+  int64_t draft_keep = 0;     // the drafter truncates its KV cache to this length
+  int64_t target_keep = 0;    // the target truncates its KV cache to this length
+  int32_t discarded = 0;      // drafts thrown away (rejected, or drafted beyond the window)
+  int32_t kept_beyond = 0;    // drafts made beyond the window that stay valid pending drafts
+  bool rolled_back = false;   // the epoch advanced
+  uint64_t epoch = 0;         // the epoch after the verdict
 };
 
 class SpeculationLedger {
@@ -99,7 +99,7 @@ class SpeculationLedger {
   int64_t max_len_;
   std::vector<int32_t> tokens_;  // committed prefix, then pending drafts
   int64_t committed_len_ = 0;
-  int32_t sent_ = 0;              // pending drafts already streamed to the target
+  int32_t sent_ = 0;  // pending drafts already streamed to the target
   uint64_t epoch_ = 0;
   bool in_flight_ = false;
   VerifyWindow window_;
