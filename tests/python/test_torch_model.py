@@ -471,3 +471,43 @@ def test_config_is_frozen(model: DecoderLM) -> None:
     assert isinstance(model.config, DecoderConfig)
     with pytest.raises(AttributeError):
         model.config.num_layers = 3  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------
+# A Hugging Face directory as the target of the user-facing API
+# --------------------------------------------------------------------------
+
+
+def _write_tokenizer_json(dest: Path, texts: list[bytes], *, rename: int | None = None) -> None:
+    vocab = {t.decode("utf-8"): i for i, t in enumerate(texts)}
+    if rename is not None:
+        vocab = {(k + "_x" if i == rename else k): i for k, i in vocab.items()}
+    (dest / "tokenizer.json").write_text(json.dumps({"model": {"vocab": vocab}}))
+
+
+def test_hf_directory_as_generator_target(
+    model: DecoderLM, smollm_path: Path, tmp_path: Path
+) -> None:
+    from pipesd import Generator, TokenizerMismatchError
+    from pipesd.llama_backend import LlamaCppModel
+
+    hf = _write_hf_dir(model, tmp_path / "hf", tied=True)
+    vocab = LlamaCppModel(smollm_path, vocab_only=True)
+    texts = vocab.token_texts()
+    vocab.close()
+    _write_tokenizer_json(hf, texts)
+    prompt = "def fibonacci(n):"
+    with Generator(draft=str(smollm_path), target=str(hf), n_ctx=256, draft_len=3) as gen:
+        assert gen.target_backend == "torch"  # auto picks torch for a directory
+        from_hf = gen.generate(prompt, max_new_tokens=16)
+    with Generator(
+        draft=str(smollm_path), target=str(smollm_path), target_backend="torch", n_ctx=256,
+        draft_len=3,
+    ) as gen:  # fmt: skip
+        from_gguf = gen.generate(prompt, max_new_tokens=16)
+    assert from_hf.tokens == from_gguf.tokens
+    assert from_hf.stats.verifications > 0
+
+    _write_tokenizer_json(hf, texts, rename=1000)
+    with pytest.raises(TokenizerMismatchError, match="token 1000"):
+        Generator(draft=str(smollm_path), target=str(hf), n_ctx=256)
