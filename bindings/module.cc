@@ -6,6 +6,7 @@
 namespace py = pybind11;
 
 void bind_kv(py::module_& m);
+void bind_transport(py::module_& m);
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "PipeSD compiled core: speculation ledger, batch scheduler, token transport.";
@@ -18,4 +19,5 @@ PYBIND11_MODULE(_core, m) {
   py::register_exception<pipesd::ScheduleError>(m, "ScheduleError", base.ptr());
 
   bind_kv(m);
+  bind_transport(m);
 }

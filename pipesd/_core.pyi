@@ -82,3 +82,195 @@ class SpeculationLedger:
     def committed(self) -> list[int]: ...
     def pending(self) -> list[int]: ...
     def tokens_from(self, start: int) -> list[int]: ...
+
+# ----------------------------------------------------------------- wire format (docs/protocol.md)
+
+PROTOCOL_VERSION: int
+DEFAULT_MAX_PAYLOAD: int
+FLAG_VERIFY: int
+FLAG_HAS_DIST: int
+
+class FrameType:
+    HELLO: FrameType
+    HELLO_OK: FrameType
+    PREFILL: FrameType
+    DRAFT: FrameType
+    VERDICT: FrameType
+    RESET: FrameType
+    BYE: FrameType
+    ERROR: FrameType
+    PING: FrameType
+    PONG: FrameType
+    @property
+    def name(self) -> str: ...
+    @property
+    def value(self) -> int: ...
+
+class ErrorCode:
+    BAD_FRAME: ErrorCode
+    BAD_VERSION: ErrorCode
+    AUTH_FAILED: ErrorCode
+    TOKENIZER_MISMATCH: ErrorCode
+    UNKNOWN_SESSION: ErrorCode
+    STALE_EPOCH: ErrorCode
+    TOO_LONG: ErrorCode
+    INTERNAL: ErrorCode
+    BUSY: ErrorCode
+    @property
+    def name(self) -> str: ...
+    @property
+    def value(self) -> int: ...
+
+class Frame:
+    def __init__(
+        self,
+        type: FrameType,
+        session: int = 0,
+        epoch: int = 0,
+        payload: bytes = b"",
+        flags: int = 0,
+    ) -> None: ...
+    @property
+    def type(self) -> FrameType: ...
+    @property
+    def flags(self) -> int: ...
+    @property
+    def session(self) -> int: ...
+    @property
+    def epoch(self) -> int: ...
+    @property
+    def payload(self) -> bytes: ...
+    def encode(self) -> bytes: ...
+
+class FrameParser:
+    def __init__(self, max_payload: int = ...) -> None: ...
+    def feed(self, data: bytes) -> None: ...
+    def next(self) -> Frame | None: ...
+    @property
+    def buffered(self) -> int: ...
+
+class Hello:
+    auth_token: str
+    vocab_size: int
+    tokenizer_hash: str
+    min_version: int
+    max_version: int
+    def __init__(
+        self, auth_token: str = "", vocab_size: int = 0, tokenizer_hash: str = ""
+    ) -> None: ...
+
+class HelloOk:
+    session: int
+    model_fingerprint: str
+    max_ctx: int
+    def __init__(self, session: int = 0, model_fingerprint: str = "", max_ctx: int = 0) -> None: ...
+
+class Prefill:
+    tokens: list[int]
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    def __init__(
+        self,
+        tokens: list[int] = ...,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = -1,
+    ) -> None: ...
+
+class WireDist:
+    ids: list[int]
+    probs: list[float]
+    def __init__(self, ids: list[int], probs: list[float]) -> None: ...
+
+class Draft:
+    start: int
+    tokens: list[int]
+    dists: list[WireDist]
+    def __init__(
+        self, start: int = 0, tokens: list[int] = ..., dists: list[WireDist] = ...
+    ) -> None: ...
+
+class WireVerdict:
+    start: int
+    drafted: int
+    accepted: int
+    next_token: int
+    verify_ms: float
+    def __init__(
+        self,
+        start: int = 0,
+        drafted: int = 0,
+        accepted: int = 0,
+        next_token: int = 0,
+        verify_ms: float = 0.0,
+    ) -> None: ...
+
+class WireError:
+    code: int
+    message: str
+    def __init__(self, code: ErrorCode, message: str) -> None: ...
+
+def encode_hello(x: Hello) -> bytes: ...
+def decode_hello(payload: bytes) -> Hello: ...
+def encode_hello_ok(x: HelloOk) -> bytes: ...
+def decode_hello_ok(payload: bytes) -> HelloOk: ...
+def encode_prefill(x: Prefill) -> bytes: ...
+def decode_prefill(payload: bytes) -> Prefill: ...
+def encode_draft(x: Draft) -> bytes: ...
+def decode_draft(payload: bytes, has_dist: bool) -> Draft: ...
+def make_draft_frame(session: int, epoch: int, draft: Draft, verify: bool) -> Frame: ...
+def encode_verdict(x: WireVerdict) -> bytes: ...
+def decode_verdict(payload: bytes) -> WireVerdict: ...
+def encode_error(x: WireError) -> bytes: ...
+def decode_error(payload: bytes) -> WireError: ...
+
+class EndpointOptions:
+    send_ring: int
+    recv_ring: int
+    max_payload: int
+    connect_timeout_ms: int
+    def __init__(
+        self,
+        send_ring: int = 1024,
+        recv_ring: int = 1024,
+        max_payload: int = ...,
+        connect_timeout_ms: int = 5000,
+    ) -> None: ...
+
+class FrameEndpoint:
+    """A TCP connection carrying frames, served by its own I/O thread."""
+
+    @staticmethod
+    def connect(host: str, port: int, options: EndpointOptions = ...) -> FrameEndpoint: ...
+    @staticmethod
+    def adopt(fd: int, options: EndpointOptions = ...) -> FrameEndpoint: ...
+    def send(self, frame: Frame) -> bool: ...
+    def try_recv(self) -> Frame | None: ...
+    @property
+    def wake_fd(self) -> int: ...
+    def drain_wake(self) -> None: ...
+    def flush(self, timeout_ms: int) -> bool: ...
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def close_reason(self) -> str: ...
+    @property
+    def error(self) -> str: ...
+    def close(self) -> None: ...
+    def stats(self) -> dict[str, int]: ...
+
+class FrameListener:
+    """A listening TCP socket that yields endpoints."""
+
+    @staticmethod
+    def listen(host: str, port: int, backlog: int = 16) -> FrameListener: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def fd(self) -> int: ...
+    def accept(
+        self, options: EndpointOptions = ..., timeout_ms: int = 0
+    ) -> FrameEndpoint | None: ...
