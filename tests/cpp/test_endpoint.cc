@@ -14,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include "frame_testing.h"
 #include "pipesd/endpoint.h"
 #include "pipesd/errors.h"
 #include "pipesd/frame.h"
@@ -92,17 +93,6 @@ Frame Numbered(uint64_t i, size_t payload_size = 8) {
   for (size_t k = 0; k < payload_size; ++k)
     payload[k] = static_cast<uint8_t>((i >> (8 * (k % 8))) + k / 8);
   return MakeFrame(FrameType::kPing, 7, i, std::move(payload));
-}
-
-void ExpectSameFrame(const Frame& a, const Frame& b) {
-  EXPECT_EQ(a.header.magic, b.header.magic);
-  EXPECT_EQ(a.header.version, b.header.version);
-  EXPECT_EQ(a.header.type, b.header.type);
-  EXPECT_EQ(a.header.flags, b.header.flags);
-  EXPECT_EQ(a.header.session, b.header.session);
-  EXPECT_EQ(a.header.epoch, b.header.epoch);
-  EXPECT_EQ(a.header.payload_len, b.payload.size());
-  EXPECT_EQ(a.payload, b.payload);
 }
 
 bool Contains(const std::string& s, const std::string& part) {

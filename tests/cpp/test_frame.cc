@@ -7,6 +7,7 @@
 #include <utility>
 #include <vector>
 
+#include "frame_testing.h"
 #include "pipesd/errors.h"
 #include "pipesd/frame.h"
 
@@ -32,17 +33,6 @@ Bytes HeaderBytes(const FrameHeader& h) {
   Bytes b(kFrameHeaderSize);
   EncodeHeader(h, b.data());
   return b;
-}
-
-void ExpectSameFrame(const Frame& a, const Frame& b) {
-  EXPECT_EQ(a.header.magic, b.header.magic);
-  EXPECT_EQ(a.header.version, b.header.version);
-  EXPECT_EQ(a.header.type, b.header.type);
-  EXPECT_EQ(a.header.flags, b.header.flags);
-  EXPECT_EQ(a.header.session, b.header.session);
-  EXPECT_EQ(a.header.epoch, b.header.epoch);
-  EXPECT_EQ(a.header.payload_len, b.header.payload_len);
-  EXPECT_EQ(a.payload, b.payload);
 }
 
 // Encodes f, parses it back in one piece and returns the parsed frame.
