@@ -23,7 +23,11 @@ from pipesd.sampling import SparseDist
 
 @dataclass(frozen=True)
 class TokenEvent:
-    """One output token and the text it completes (may be empty mid-character)."""
+    """One output token and the text it completes (may be empty mid-character).
+
+    When the output ends inside a multi-byte character, one last event with ``token == -1``
+    carries the replacement text for those trailing bytes; it adds no token.
+    """
 
     token: int
     text: str
