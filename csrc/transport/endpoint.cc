@@ -376,6 +376,7 @@ void FrameEndpoint::IoLoop() {
   } catch (const ProtocolError& e) {
     reason = CloseReason::kProtocolError;
     error = std::string("protocol error: ") + e.what();
+    if (parser_.failed()) SendParseError(e.what());
   } catch (const TransportError& e) {
     reason = CloseReason::kTransportError;
     error = e.what();
@@ -396,6 +397,22 @@ void FrameEndpoint::Finish(CloseReason reason, const std::string& error) {
   }
   closed_.store(true, std::memory_order_release);
   SignalWake();
+}
+
+void FrameEndpoint::SendParseError(const std::string& message) {
+  // A frame already half written cannot be followed by another: the peer's framing would break.
+  if (!out_.empty() && out_.front().written > 0) return;
+  Error e;
+  e.code = static_cast<uint32_t>(parser_.error_code());
+  e.message = message.substr(0, 512);
+  try {
+    const std::vector<uint8_t> bytes =
+        EncodeFrame(MakeFrame(FrameType::kError, 0, 0, EncodeError(e), 0));
+    // One non-blocking attempt: a peer that is not reading does not delay the close.
+    (void)::send(fd_, bytes.data(), bytes.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
+  } catch (const std::exception&) {
+    // Best effort only; the close that follows tells the peer in any case.
+  }
 }
 
 FrameEndpoint::WriteState FrameEndpoint::PumpWrites() {

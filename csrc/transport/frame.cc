@@ -330,6 +330,14 @@ void FrameParser::CheckPendingHeader() {
   try {
     ValidateHeader(h, max_payload_);
   } catch (const ProtocolError& e) {
+    // The same order as ValidateHeader: the first check that failed names the code.
+    if (h.magic == kFrameMagic && h.version != kProtocolVersion) {
+      error_code_ = ErrorCode::kBadVersion;
+    } else if (h.magic == kFrameMagic && h.payload_len > max_payload_ &&
+               IsKnownFrameType(static_cast<uint16_t>(h.type)) && (h.flags & ~kKnownFlags) == 0 &&
+               (h.flags == 0 || h.type == FrameType::kDraft)) {
+      error_code_ = ErrorCode::kTooLong;
+    }
     Fail(e.what());
   }
   header_ = h;

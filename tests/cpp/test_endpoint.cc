@@ -136,6 +136,30 @@ bool RawSeesEnd(int fd, int timeout_ms) {
   }
 }
 
+// Everything the raw socket receives until end of stream (or a reset, or the timeout).
+Bytes RawReadToEnd(int fd, int timeout_ms) {
+  Bytes out;
+  uint8_t buf[256];
+  const Clock::time_point deadline = Clock::now() + milliseconds(timeout_ms);
+  while (WaitReadable(fd, MsLeft(deadline))) {
+    const ssize_t r = ::recv(fd, buf, sizeof buf, 0);
+    if (r <= 0) break;
+    out.insert(out.end(), buf, buf + r);
+  }
+  return out;
+}
+
+// The single ERROR frame an endpoint sends before closing on a malformed stream.
+Error ParseErrorFrame(const Bytes& bytes) {
+  FrameParser parser;
+  parser.Feed(bytes.data(), bytes.size());
+  Frame f;
+  EXPECT_TRUE(parser.Next(&f)) << bytes.size() << " bytes received";
+  EXPECT_EQ(f.header.type, FrameType::kError);
+  EXPECT_EQ(parser.Buffered(), 0u);
+  return DecodeError(f.payload);
+}
+
 // Sends Numbered(0), Numbered(1), ... of payload_size bytes until Send() has refused for 300 ms
 // straight: the sender's ring, both socket buffers and the receiver's ring are then full. Returns
 // the number sent (the refused frame is left in *next), or 0 if Send() never pushed back.
@@ -400,9 +424,30 @@ TEST(Endpoint, GarbageClosesWithProtocolError) {
   ASSERT_TRUE(server->TryRecv(&got));
   ExpectSameFrame(got, Numbered(5));
   EXPECT_FALSE(server->TryRecv(&got));
-  // The peer is told at once, and the endpoint refuses to send.
-  EXPECT_TRUE(RawSeesEnd(raw, 5000));
+  // The peer is told why, then sees the end at once, and the endpoint refuses to send.
+  const Error err = ParseErrorFrame(RawReadToEnd(raw, 5000));
+  EXPECT_EQ(err.code, static_cast<uint32_t>(ErrorCode::kBadFrame));
+  EXPECT_TRUE(Contains(err.message, "bad frame magic")) << err.message;
   EXPECT_FALSE(server->Send(Numbered(6)));
+  ::close(raw);
+}
+
+TEST(Endpoint, WrongVersionIsAnsweredWithBadVersion) {
+  auto listener = FrameListener::Listen("127.0.0.1", 0);
+  const int raw = RawConnect(listener->port());
+  ASSERT_GE(raw, 0);
+  auto server = listener->Accept({}, 5000);
+  ASSERT_NE(server, nullptr);
+  FrameHeader h;
+  h.version = kProtocolVersion + 1;
+  h.type = FrameType::kHello;
+  uint8_t header[kFrameHeaderSize];
+  EncodeHeader(h, header);
+  ASSERT_TRUE(WriteAll(raw, header, sizeof header));
+  const Error err = ParseErrorFrame(RawReadToEnd(raw, 5000));
+  EXPECT_EQ(err.code, static_cast<uint32_t>(ErrorCode::kBadVersion));
+  EXPECT_TRUE(Contains(err.message, "unsupported protocol version 2")) << err.message;
+  ASSERT_TRUE(WaitClosed(server.get()));
   ::close(raw);
 }
 
@@ -422,6 +467,8 @@ TEST(Endpoint, OversizedHeaderClosesBeforeThePayloadArrives) {
   ASSERT_TRUE(WaitClosed(server.get()));
   EXPECT_EQ(server->close_reason(), CloseReason::kProtocolError);
   EXPECT_TRUE(Contains(server->error(), "limit 4096")) << server->error();
+  EXPECT_EQ(ParseErrorFrame(RawReadToEnd(raw, 5000)).code,
+            static_cast<uint32_t>(ErrorCode::kTooLong));
   ::close(raw);
 }
 

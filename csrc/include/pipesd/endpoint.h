@@ -153,6 +153,8 @@ class FrameEndpoint {
   bool ReadSome();
   bool RecvRingHasRoom() const;
   void Finish(CloseReason reason, const std::string& error);
+  // Best effort, before closing on a malformed stream: one ERROR frame telling the peer why.
+  void SendParseError(const std::string& message);
   void Notify();
   void SignalWake();
 

@@ -107,6 +107,9 @@ class FrameParser {
   // closed mid-frame.
   size_t Buffered() const { return buf_.size() - pos_; }
   bool failed() const { return failed_; }
+  // After a failure: the ERROR code that describes it to the peer (BAD_VERSION for a header of
+  // another protocol version, TOO_LONG for a payload over the limit, BAD_FRAME otherwise).
+  ErrorCode error_code() const { return error_code_; }
   uint32_t max_payload() const { return max_payload_; }
 
  private:
@@ -121,6 +124,7 @@ class FrameParser {
   bool have_header_ = false;
   FrameHeader header_;  // valid when have_header_
   bool failed_ = false;
+  ErrorCode error_code_ = ErrorCode::kBadFrame;
   std::string error_;
 };
 
