@@ -48,7 +48,7 @@ case "$job" in
     .venv/bin/mypy pipesd
     if command -v clang-format >/dev/null; then
       clang-format --dry-run --Werror csrc/include/pipesd/*.h csrc/*/*.cc bindings/*.cc tests/cpp/*.cc \
-        tests/cpp/*.h
+        tests/cpp/*.h bench/*.cc
     fi
     log "C++ unit tests (ctest)"
     cmake -S . -B build/cpp-tests -DPIPESD_BUILD_TESTS=ON -DCMAKE_BUILD_TYPE=Debug >/dev/null

@@ -19,17 +19,27 @@ import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipesd import models
 from pipesd.cloud.targets import load_target, pick_backend
-from pipesd.cloud.verifier import TargetSession
-from pipesd.decoding import GenerationResult, GenerationStats, LocalDecoder, TokenEvent
+from pipesd.decoding import (
+    GenerationResult,
+    GenerationStats,
+    LocalLink,
+    SpecDecoder,
+    TokenEvent,
+    VerifyLink,
+)
 from pipesd.edge.drafter import Drafter
 from pipesd.errors import ModelError, TokenizerMismatchError
 from pipesd.llama_backend import LlamaCppModel, tokenizer_fingerprint
 from pipesd.policies import POLICIES, make_policy
+from pipesd.policies.base import DraftPolicy
 from pipesd.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from pipesd.edge.client import CloudLink
 
 
 def hf_token_texts(directory: Path) -> list[bytes]:
@@ -99,11 +109,16 @@ class TokenStream:
 
 
 class Generator:
-    """Speculative decoding with a llama.cpp draft and a target model, in this process.
+    """Speculative decoding with a llama.cpp draft here and a target here or in the cloud.
 
     Args:
         draft: a registry name (``pipesd models list``) or a GGUF path; fetched if missing.
-        target: a registry name, a GGUF path or a Hugging Face directory.
+        target: a registry name, a GGUF path or a Hugging Face directory (local mode).
+        cloud: ``HOST:PORT`` of a ``pipesd cloud`` server: the target runs there instead, and
+            ``target``, ``target_backend``, ``device`` and ``target_threads`` are the server's
+            business. The connection is made (and the tokenizers compared) at construction.
+        auth_token: the cloud's shared secret, if it requires one.
+        reconnect_timeout: seconds a lost cloud connection is retried before an error.
         target_backend: ``auto`` (torch on CUDA, llama.cpp on CPU), ``torch`` or ``llama.cpp``.
         device: ``cpu`` or ``cuda[:N]`` for the torch backend.
         policy: ``vanilla`` (default), ``target-only`` or ``draft-only``.
@@ -124,6 +139,9 @@ class Generator:
         n_ctx: int = 4096,
         draft_threads: int = 1,
         target_threads: int = 1,
+        cloud: str | None = None,
+        auth_token: str = "",
+        reconnect_timeout: float = 30.0,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; known: {', '.join(POLICIES)}")
@@ -137,7 +155,7 @@ class Generator:
         self.lock = threading.Lock()
         needs_target = policy != "draft-only"
         needs_draft = policy != "target-only"
-        target_path = models.resolve(target) if needs_target else None
+        target_path = models.resolve(target) if needs_target and cloud is None else None
         if target_path is not None:
             chosen = pick_backend(target_backend, device, target_path)
             # Tokenizers are compared before anything heavy is loaded.
@@ -157,9 +175,24 @@ class Generator:
             else None
         )
         self.n_ctx = n_ctx
+        self.cloud: CloudLink | None = None
+        if cloud is not None:
+            from pipesd.edge.client import CloudLink
+
+            texts = self.draft_model.token_texts()
+            self.cloud = CloudLink(
+                cloud,
+                vocab_size=len(texts),
+                tokenizer_hash=tokenizer_fingerprint(texts),
+                auth_token=auth_token,
+                reconnect_timeout=reconnect_timeout,
+            )
+            self.target_backend = f"cloud {cloud} ({self.cloud.model_fingerprint})"
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
+        if self.cloud is not None:
+            self.cloud.close()
         self.draft_model.close()
         if isinstance(self.target, LlamaCppModel):
             self.target.close()
@@ -189,27 +222,36 @@ class Generator:
         top_k: int = 40,
         top_p: float = 0.95,
         seed: int | None = None,
-        policy: str | None = None,
+        policy: str | DraftPolicy | None = None,
         draft_len: int | None = None,
     ) -> TokenStream:
         """Streams output tokens as they are committed. One stream at a time per Generator.
 
         ``policy`` and ``draft_len`` override the Generator's for this call, so one set of
         loaded models serves every policy (``target-only`` needs the target loaded, the others
-        the draft).
+        the draft). ``policy`` may also be a ``DraftPolicy`` instance of your own.
         """
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         prompt_ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        name = policy or self.policy_name
-        rule = make_policy(name, draft_len=draft_len or self.draft_len)
+        rule: DraftPolicy | None
+        if isinstance(policy, DraftPolicy):
+            name, rule = policy.name, policy
+        else:
+            name = policy or self.policy_name
+            rule = make_policy(name, draft_len=draft_len or self.draft_len)
         if name != "target-only" and not self.drafting:
             raise ValueError(f"policy {name} needs the draft model, loaded as tokenizer only")
-        decoder = LocalDecoder(
+        link: VerifyLink | None = None
+        if name != "draft-only":
+            if self.cloud is not None:
+                link = self.cloud
+            elif self.target is not None:
+                link = LocalLink(self.target)
+        decoder = SpecDecoder(
             tokenizer=self.draft_model,
             drafter=Drafter(self.draft_model, params) if name != "target-only" else None,
-            target=TargetSession(self.target, params)
-            if self.target is not None and name != "draft-only"
-            else None,
+            link=link,
+            params=params,
             policy_name=name,
             policy=rule,
         )

@@ -8,7 +8,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from pipesd import models
+from pipesd import link, models
 from pipesd.cloud.targets import BACKENDS
 from pipesd.errors import PipesdError
 from pipesd.policies import POLICIES
@@ -26,9 +26,17 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     mode.add_argument(
         "--local", action="store_true", help="run draft and target in this process (default)"
     )
+    mode.add_argument("--cloud", metavar="HOST:PORT",
+                      help="verify on a `pipesd cloud` server (or a `pipesd link` in front of "
+                      "it); the server chooses the target")  # fmt: skip
+    p.add_argument("--auth-token-file", metavar="FILE",
+                   help="--cloud: file holding the server's auth token")  # fmt: skip
+    p.add_argument("--reconnect-timeout", type=float, default=30.0, metavar="S",
+                   help="--cloud: seconds to retry a lost connection (default 30)")  # fmt: skip
     p.add_argument("--draft", default=models.DEFAULT_DRAFT, help="draft model name or GGUF path")
-    p.add_argument("--target", default=models.DEFAULT_TARGET,
-                   help="target model name, GGUF path or Hugging Face directory")  # fmt: skip
+    p.add_argument("--target", default=None,
+                   help="target model name, GGUF path or Hugging Face directory "
+                   f"(default {models.DEFAULT_TARGET})")  # fmt: skip
     p.add_argument("--target-backend", choices=BACKENDS, default="auto",
                    help="auto: torch on CUDA, llama.cpp on CPU (default auto)")  # fmt: skip
     p.add_argument("--device", default="cpu", help="torch target device: cpu or cuda[:N]")
@@ -44,6 +52,43 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--draft-threads", type=int, default=1)
     p.add_argument("--target-threads", type=int, default=1)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def _add_cloud(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "cloud",
+        help="serve the target model to edge clients over TCP",
+        description="Load the target once and verify drafts for edge sessions "
+        "(`pipesd generate --cloud HOST:PORT`) until SIGINT/SIGTERM.",
+    )
+    p.add_argument("--target", default=models.DEFAULT_TARGET,
+                   help="target model name, GGUF path or Hugging Face directory")  # fmt: skip
+    p.add_argument("--target-backend", choices=BACKENDS, default="auto",
+                   help="auto: torch on CUDA, llama.cpp on CPU (default auto)")  # fmt: skip
+    p.add_argument("--device", default="cpu", help="torch target device: cpu or cuda[:N]")
+    p.add_argument("--listen", default="127.0.0.1:7070", metavar="HOST:PORT",
+                   help="listen address (default 127.0.0.1:7070; port 0: any)")  # fmt: skip
+    p.add_argument("--auth-token-file", metavar="FILE",
+                   help="file holding the shared secret every client must present; "
+                   "required when listening off loopback")  # fmt: skip
+    p.add_argument("--max-sessions", type=int, default=8, help="sessions served at once")
+    p.add_argument("--ctx", type=int, default=4096, help="context size per session")
+    p.add_argument("--target-threads", type=int, default=1)
+    p.add_argument("-v", "--verbose", action="store_true", help="log every session event")
+
+
+def read_token_file(path: str) -> str:
+    """The auth token in a file (surrounding whitespace ignored); one-line errors."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except OSError as e:
+        raise ValueError(f"cannot read auth token file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"auth token file {path} is not UTF-8 text") from None
+    if not token:
+        raise ValueError(f"auth token file {path} is empty")
+    return token
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -65,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_cloud(sub)
+    link.add_parser(sub)
     _add_models(sub)
     return parser
 
@@ -108,9 +155,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from pipesd.api import Generator
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.cloud is not None and args.target is not None:
+        raise ValueError("--target is chosen by the cloud server (`pipesd cloud --target`)")
+    if args.cloud is None and args.auth_token_file is not None:
+        raise ValueError("--auth-token-file is for --cloud")
+    token = read_token_file(args.auth_token_file) if args.auth_token_file else ""
     gen = Generator(
         draft=args.draft,
-        target=args.target,
+        target=args.target or models.DEFAULT_TARGET,
+        cloud=args.cloud,
+        auth_token=token,
+        reconnect_timeout=args.reconnect_timeout,
         target_backend=args.target_backend,
         device=args.device,
         policy=args.policy,
@@ -144,12 +199,40 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cloud(args: argparse.Namespace) -> int:
+    import logging
+
+    from pipesd.cloud.server import CloudServer, serve_forever
+
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="pipesd cloud: %(message)s",
+        stream=sys.stderr,
+    )
+    token = read_token_file(args.auth_token_file) if args.auth_token_file else None
+    server = CloudServer(
+        args.target,
+        backend=args.target_backend,
+        device=args.device,
+        n_ctx=args.ctx,
+        threads=args.target_threads,
+        listen=args.listen,
+        auth_token=token,
+        max_sessions=args.max_sessions,
+    )
+    return serve_forever(server)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if args.command == "models":
             return cmd_models(args)
+        if args.command == "cloud":
+            return cmd_cloud(args)
+        if args.command == "link":
+            return link.run(args)
         return cmd_generate(args)
     except (PipesdError, ValueError) as e:
         if args.debug:

@@ -1,7 +1,10 @@
 """The decode loop: drafting on the edge, verification by the target, statistics.
 
-The edge and the target each keep their own SpeculationLedger, as they do when they run in
-separate processes; in local mode the verifier is called directly instead of over a socket.
+The edge and the target each keep their own SpeculationLedger. The decoder talks to the
+target through a ``VerifyLink``: ``LocalLink`` calls a target in this process, and
+``pipesd.edge.client.CloudLink`` sends the same requests to a cloud server over TCP. Drafts
+are streamed as they are made and a window is verified when the policy says so; while a
+verdict is pending the decoder can keep drafting (``DraftPolicy.wait_drafts``).
 """
 
 from __future__ import annotations
@@ -10,15 +13,15 @@ import codecs
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from pipesd._core import SpeculationLedger
-from pipesd.cloud.verifier import TargetSession
-from pipesd.edge.drafter import Drafter
-from pipesd.errors import PromptTooLongError
+from pipesd.cloud.verifier import TargetBackend, TargetSession, Verdict
+from pipesd.edge.drafter import Drafter, DraftToken
+from pipesd.errors import LinkLostError, PromptTooLongError, ProtocolError
 from pipesd.llama_backend import LlamaCppModel
 from pipesd.policies.base import DraftPolicy
-from pipesd.sampling import SparseDist
+from pipesd.sampling import SamplingParams, SparseDist
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,12 @@ class GenerationStats:
     verifications: int = 0
     rollbacks: int = 0  # verdicts that threw drafts away
     wasted_drafts: int = 0  # draft tokens thrown away
+    wait_s: float = 0.0  # the edge waiting for verdicts
+    wait_drafted: int = 0  # drafts made while a verdict was pending
+    wait_kept: int = 0  # of those, drafts that survived the verdict
+    reconnects: int = 0  # connections to the cloud re-established mid-generation
+    bytes_up: int = 0  # bytes sent to the cloud (frames, headers included)
+    bytes_down: int = 0  # bytes received from the cloud
     stop_reason: str = ""  # "eos" or "length"
 
     @property
@@ -92,6 +101,8 @@ class GenerationStats:
                 f"{self.verifications} verifications, "
                 f"mean accepted {self.mean_accepted:.2f}, rollbacks {self.rollbacks}"
             )
+        if self.reconnects:
+            line += f", reconnects {self.reconnects}"
         return line
 
 
@@ -117,34 +128,110 @@ class _TextStream:
         return self.decoder.decode(b"", final=True)
 
 
-class LocalDecoder:
-    """Speculative decoding with both models in this process."""
+class VerifyLink(Protocol):
+    """The target as the edge sees it: a sequence, streamed drafts and verdicts."""
+
+    @property
+    def n_ctx(self) -> int:
+        """The longest sequence the target accepts."""
+
+    def start(self, prompt: Sequence[int], params: SamplingParams, epoch: int) -> float:
+        """Starts a sequence (prefill); returns the seconds it took where known, else 0."""
+
+    def send(
+        self,
+        epoch: int,
+        start: int,
+        tokens: Sequence[int],
+        dists: Sequence[SparseDist] | None,
+        *,
+        verify: bool,
+    ) -> None:
+        """Streams drafts at positions ``start``...; ``verify`` closes the window there."""
+
+    def wait(self, timeout: float | None) -> Verdict | None:
+        """The verdict of the window in flight, or None if it did not come within timeout."""
+
+    def recover(self, committed: Sequence[int], epoch: int) -> None:
+        """Re-establishes the sequence from the committed prefix after LinkLostError."""
+
+    def traffic(self) -> tuple[int, int]:
+        """Bytes (up, down) moved so far."""
+
+
+class LocalLink:
+    """A target in this process: a window is verified the moment it is sent."""
+
+    def __init__(self, target: TargetBackend) -> None:
+        self.target = target
+        self.session: TargetSession | None = None
+        self._verdict: Verdict | None = None
+
+    @property
+    def n_ctx(self) -> int:
+        return self.target.n_ctx
+
+    def start(self, prompt: Sequence[int], params: SamplingParams, epoch: int) -> float:
+        self.session = TargetSession(self.target, params)
+        self._verdict = None
+        return self.session.prefill(prompt, epoch=epoch)
+
+    def send(
+        self,
+        epoch: int,
+        start: int,
+        tokens: Sequence[int],
+        dists: Sequence[SparseDist] | None,
+        *,
+        verify: bool,
+    ) -> None:
+        assert self.session is not None, "send before start"
+        if self.session.receive(epoch, start, tokens, dists) and verify:
+            self._verdict = self.session.verify_window(start + len(tokens))
+
+    def wait(self, timeout: float | None) -> Verdict | None:
+        verdict, self._verdict = self._verdict, None
+        return verdict
+
+    def recover(self, committed: Sequence[int], epoch: int) -> None:
+        raise AssertionError("a local target never loses its connection")
+
+    def traffic(self) -> tuple[int, int]:
+        return 0, 0
+
+
+class SpecDecoder:
+    """Speculative decoding: a drafter on this side, the target behind a VerifyLink."""
 
     def __init__(
         self,
         *,
         tokenizer: LlamaCppModel,
         drafter: Drafter | None,
-        target: TargetSession | None,
+        link: VerifyLink | None,
+        params: SamplingParams,
         policy_name: str,
         policy: DraftPolicy | None,
     ) -> None:
-        if policy_name != "draft-only" and target is None:
+        if policy_name != "draft-only" and link is None:
             raise ValueError(f"policy {policy_name} needs a target model")
         if policy_name != "target-only" and drafter is None:
             raise ValueError(f"policy {policy_name} needs a draft model")
         self.tokenizer = tokenizer
         self.drafter = drafter
-        self.target = target
+        self.link = link
+        self.params = params
         self.policy_name = policy_name
         self.policy = policy
         self.eog = tokenizer.eog_tokens
         self.n_ctx = min(
             m for m in (
                 drafter.model.n_ctx if drafter else None,
-                target.target.n_ctx if target else None,
+                link.n_ctx if link else None,
             ) if m is not None
         )  # fmt: skip
+        self._dists: list[SparseDist | None] = []  # one per pending draft
+        self._last: DraftToken | None = None  # the newest pending draft
 
     def stream(
         self, prompt: Sequence[int], *, max_new_tokens: int, stats: GenerationStats
@@ -164,8 +251,10 @@ class LocalDecoder:
         t0 = time.perf_counter()
         ledger = SpeculationLedger(self.n_ctx)
         ledger.begin(list(prompt))
-        if self.target is not None:
-            stats.prefill_s = self.target.prefill(prompt)
+        self._dists, self._last = [], None
+        traffic0 = self.link.traffic() if self.link is not None else (0, 0)
+        if self.link is not None:
+            stats.prefill_s = self._start(ledger, list(prompt), stats)
         if self.drafter is not None:
             self.drafter.begin(ledger)
             self.drafter.draft_s = 0.0
@@ -173,25 +262,30 @@ class LocalDecoder:
             self.policy.begin()
         emitted = len(prompt)
         produced = 0
-        while True:
-            self._round(ledger, stats, budget=max_new_tokens - produced)
-            committed = ledger.committed_len
-            new = ledger.tokens_from(emitted)[: committed - emitted]
-            stop = False
-            for tok in new:
-                if produced == 0:
-                    stats.ttft_s = time.perf_counter() - t0
-                produced += 1
-                yield TokenEvent(tok, text.push(tok))
-                if tok in self.eog:
-                    stats.stop_reason, stop = "eos", True
+        try:
+            while True:
+                self._round_or_recover(ledger, stats, budget=max_new_tokens - produced)
+                committed = ledger.committed_len
+                new = ledger.tokens_from(emitted)[: committed - emitted]
+                stop = False
+                for tok in new:
+                    if produced == 0:
+                        stats.ttft_s = time.perf_counter() - t0
+                    produced += 1
+                    yield TokenEvent(tok, text.push(tok))
+                    if tok in self.eog:
+                        stats.stop_reason, stop = "eos", True
+                        break
+                    if produced >= max_new_tokens:
+                        stats.stop_reason, stop = "length", True
+                        break
+                emitted = committed
+                if stop:
                     break
-                if produced >= max_new_tokens:
-                    stats.stop_reason, stop = "length", True
-                    break
-            emitted = committed
-            if stop:
-                break
+        finally:
+            if self.link is not None:
+                up, down = self.link.traffic()
+                stats.bytes_up, stats.bytes_down = up - traffic0[0], down - traffic0[1]
         tail = text.flush()
         if tail:
             yield TokenEvent(-1, tail)
@@ -200,41 +294,121 @@ class LocalDecoder:
         if self.drafter is not None:
             stats.draft_s = self.drafter.draft_s
 
+    def _start(self, ledger: SpeculationLedger, prompt: list[int], stats: GenerationStats) -> float:
+        assert self.link is not None
+        try:
+            return self.link.start(prompt, self.params, ledger.epoch)
+        except LinkLostError:
+            self._recover(ledger, stats)
+            return 0.0
+
+    def _round_or_recover(
+        self, ledger: SpeculationLedger, stats: GenerationStats, *, budget: int
+    ) -> None:
+        try:
+            self._round(ledger, stats, budget=budget)
+        except LinkLostError:
+            self._recover(ledger, stats)
+
+    def _recover(self, ledger: SpeculationLedger, stats: GenerationStats) -> None:
+        """The connection dropped: forget every draft, resume from the committed prefix."""
+        assert self.link is not None
+        stats.wasted_drafts += ledger.discard_drafts()
+        self._dists, self._last = [], None
+        if self.drafter is not None:
+            self.drafter.sync(ledger)
+        self.link.recover(ledger.committed(), ledger.epoch)
+        stats.reconnects += 1
+
+    def _draft_one(self, ledger: SpeculationLedger, stats: GenerationStats) -> DraftToken:
+        assert self.drafter is not None
+        d = self.drafter.draft(ledger)
+        self._dists.append(d.dist)
+        self._last = d
+        stats.drafted += 1
+        return d
+
+    def _send_unsent(self, ledger: SpeculationLedger, upto: int, *, verify: bool) -> None:
+        """Streams pending drafts [sent, upto) (the window ends at ``upto`` when verify)."""
+        assert self.link is not None
+        sent = min(ledger.sent_count, upto)
+        tokens = ledger.pending()[sent:upto]
+        dists = None if self.params.greedy else [d for d in self._dists[sent:upto] if d]
+        start = ledger.committed_len + sent
+        if verify:
+            ledger.submit(upto)
+        else:
+            ledger.mark_sent(len(tokens))
+        self.link.send(ledger.epoch, start, tokens, dists, verify=verify)
+
     def _round(self, ledger: SpeculationLedger, stats: GenerationStats, *, budget: int) -> None:
-        """One draft-then-verify round (stop-and-wait), or one step of a reference policy."""
+        """Drafts until the policy triggers, verifies the window, applies the verdict."""
         if self.policy_name == "draft-only":
-            assert self.drafter is not None
-            self.drafter.draft(ledger)
-            stats.drafted += 1
+            self._draft_one(ledger, stats)
             ledger.commit_drafts(1)
+            self._dists = []
             return
-        assert self.target is not None
-        drafts: list[int] = []
-        dists: list[SparseDist] = []
+        assert self.link is not None
+        # k drafts yield up to k + 1 tokens: never draft past the budget or the context.
+        room = max(0, min(budget - 1, self.n_ctx - ledger.committed_len - 1))
         if self.policy is not None:
-            assert self.drafter is not None
-            # k drafts yield up to k + 1 tokens: never draft past the budget.
-            room = min(budget - 1, self.n_ctx - ledger.committed_len - 1)
-            while len(drafts) < room:
-                d = self.drafter.draft(ledger)
-                drafts.append(d.token)
-                if d.dist is not None:
-                    dists.append(d.dist)
-                stats.drafted += 1
-                if d.token in self.eog or self.policy.should_verify(len(drafts), d):
-                    break
-        window = ledger.submit(len(drafts))
-        verdict = self.target.verify(
-            window.start, drafts, None if self.target.params.greedy else dists
-        )
-        decision = ledger.apply_verdict(window.epoch, verdict.accepted, verdict.next_token)
-        if self.drafter is not None and self.policy is not None:
+            pending = ledger.pending_count
+            last = self._last
+            stop = pending > 0 and last is not None and (
+                last.token in self.eog or self.policy.should_verify(pending, last)
+            )  # fmt: skip
+            while not stop and pending < room:
+                d = self._draft_one(ledger, stats)
+                pending += 1
+                stop = d.token in self.eog or self.policy.should_verify(pending, d)
+        count = min(ledger.pending_count, room)
+        self._send_unsent(ledger, count, verify=True)
+        verdict = self._await_verdict(ledger, stats)
+        decision = ledger.apply_verdict(verdict.epoch, verdict.accepted, verdict.next_token)
+        if decision.stale:
+            raise ProtocolError(
+                f"the cloud answered epoch {verdict.epoch} at position {verdict.start}, "
+                f"but the edge is at epoch {ledger.epoch}"
+            )
+        beyond = len(self._dists) - count
+        if decision.rolled_back:
+            self._dists, self._last = [], None
+        else:  # the first draft beyond the window became the bonus token
+            self._dists = self._dists[count + 1 :]
+            if not self._dists:
+                self._last = None
+            stats.wait_kept += max(0, beyond - 1)
+        if self.drafter is not None:
             self.drafter.apply(decision)
         stats.verify_s += verdict.verify_s
         if self.policy is not None:
             stats.verifications += 1
-            stats.submitted += len(drafts)
+            stats.submitted += count
             stats.accepted += verdict.accepted
             stats.wasted_drafts += decision.discarded
             stats.rollbacks += int(decision.rolled_back)
             self.policy.on_verdict(verdict)
+
+    def _await_verdict(self, ledger: SpeculationLedger, stats: GenerationStats) -> Verdict:
+        """Waits for the verdict; drafts and streams more meanwhile if the policy says so."""
+        assert self.link is not None
+        t0 = time.perf_counter()
+        limit = self.policy.wait_drafts if self.policy is not None else 0
+        made = 0
+        try:
+            while True:
+                waiting = (
+                    made < limit
+                    and ledger.committed_len + ledger.pending_count < self.n_ctx - 1
+                    and (self._last is None or self._last.token not in self.eog)
+                )
+                verdict = self.link.wait(0.0 if waiting else None)
+                if verdict is not None:
+                    return verdict
+                if waiting:
+                    self._draft_one(ledger, stats)
+                    made += 1
+                    stats.wait_drafted += 1
+                    self._send_unsent(ledger, ledger.pending_count, verify=False)
+        finally:
+            stats.wait_s += time.perf_counter() - t0

@@ -27,12 +27,26 @@ class PromptTooLongError(PipesdError):
     """The prompt (plus the tokens asked for) does not fit the context."""
 
 
+class LinkLostError(TransportError):
+    """The connection to the cloud ended; the edge may reconnect and resume."""
+
+
+class RemoteError(PipesdError):
+    """The cloud refused a request or failed (an ERROR frame); ``code`` names the error."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"cloud error {code}: {message}")
+        self.code = code
+
+
 __all__ = [
     "LedgerError",
+    "LinkLostError",
     "ModelError",
     "PipesdError",
     "PromptTooLongError",
     "ProtocolError",
+    "RemoteError",
     "ScheduleError",
     "TokenizerMismatchError",
     "TransportError",

@@ -66,6 +66,13 @@ class TorchTarget:
         self.cache = self.model.new_cache(n_ctx)
         self.device = device
 
+    def fork(self) -> TorchTarget:
+        """Another target over the same weights with its own (empty) KV cache."""
+        other = object.__new__(TorchTarget)
+        other.__dict__.update(self.__dict__)
+        other.cache = self.model.new_cache(self.n_ctx)
+        return other
+
     @property
     def kv_len(self) -> int:
         return int(self.cache.length)

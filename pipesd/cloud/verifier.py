@@ -101,7 +101,15 @@ class Verdict:
 
 
 class TargetSession:
-    """The target side of one sequence: its KV cache, kept in step through a ledger."""
+    """The target side of one sequence: its KV cache, kept in step through a ledger.
+
+    Drafts may arrive in pieces ahead of the request to verify them (``receive``), tagged with
+    the edge's speculation epoch; ``verify_window`` then verifies every received draft up to a
+    position. The epoch rules are those of docs/protocol.md: frames of an older epoch are
+    dropped; a newer epoch drops the drafts held for older ones; and the session retires the
+    current epoch itself as soon as it knows the edge will (a verdict that rejects drafts, or a
+    draft that contradicts a token already committed), dropping that epoch's later drafts.
+    """
 
     def __init__(self, target: TargetBackend, params: SamplingParams) -> None:
         self.target = target
@@ -111,9 +119,15 @@ class TargetSession:
         # The cloud's random stream is independent of the edge's (different spawn key).
         self.rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1,)))
         self.residual_fn = residual
+        self.epoch = 0  # the newest edge epoch seen
+        self.retired = False  # the current epoch's drafts are known to be discarded by the edge
+        self.dists: list[SparseDist | None] = []  # one per pending draft
+        self.dropped = 0  # draft tokens dropped as stale
 
-    def prefill(self, prompt: Sequence[int]) -> float:
+    def prefill(self, prompt: Sequence[int], *, epoch: int = 0) -> float:
         """Starts a sequence; evaluates all prompt tokens but the last. Returns seconds."""
+        if not prompt:
+            raise ProtocolError("PREFILL carries no tokens")
         if len(prompt) >= self.target.n_ctx:
             raise PromptTooLongError(
                 f"prompt of {len(prompt)} tokens does not fit the target's context of "
@@ -121,11 +135,136 @@ class TargetSession:
             )
         t0 = time.perf_counter()
         self.ledger.begin(list(prompt))
+        self.epoch, self.retired, self.dists = epoch, False, []
         self.target.truncate(0)
         if len(prompt) > 1:
             self.target.decode(list(prompt[:-1]), all_logits=False)
         self.ledger.note_target_kv(self.target.kv_len)
         return time.perf_counter() - t0
+
+    def _retire(self) -> None:
+        self.ledger.discard_drafts()
+        self.dists = []
+        self.retired = True
+
+    def enter_epoch(self, epoch: int) -> bool:
+        """Moves to the edge's epoch; False when frames of ``epoch`` are to be dropped."""
+        if epoch < self.epoch:
+            return False
+        if epoch > self.epoch:
+            self.ledger.discard_drafts()
+            self.dists = []
+            self.epoch, self.retired = epoch, False
+        return not self.retired
+
+    def reset(self, epoch: int) -> bool:
+        """The edge dropped every pending draft and is now at ``epoch``; False if stale."""
+        if epoch < self.epoch:
+            return False
+        self.ledger.discard_drafts()
+        self.dists = []
+        self.epoch, self.retired = epoch, False
+        return True
+
+    def receive(
+        self,
+        epoch: int,
+        start: int,
+        tokens: Sequence[int],
+        dists: Sequence[SparseDist] | None = None,
+    ) -> bool:
+        """Takes drafts placed at absolute positions ``start``...; False if they were dropped."""
+        if self.ledger.committed_len == 0:
+            raise ProtocolError("DRAFT before PREFILL")
+        if dists is not None and len(dists) != len(tokens):
+            raise ProtocolError(f"{len(tokens)} draft tokens came with {len(dists)} distributions")
+        if not self.enter_epoch(epoch):
+            self.dropped += len(tokens)
+            return False
+        if not tokens:
+            return True
+        ledger = self.ledger
+        committed = ledger.committed_len
+        end = committed + ledger.pending_count
+        if start > end:
+            raise ProtocolError(f"drafts start at position {start}, but {end} are known")
+        if start < end and start >= committed:
+            raise ProtocolError(f"drafts at position {start} repeat pending drafts (up to {end})")
+        fresh: list[int] = []
+        fresh_dists: list[SparseDist | None] = []
+        if start < committed:
+            # Drafted while a verdict was pending: valid only where they agree with what the
+            # verdict committed (the edge's ledger applies the same rule).
+            known = ledger.tokens_from(start)[: committed - start]
+            overlap = min(len(tokens), len(known))
+            if [int(t) for t in tokens[:overlap]] != known[:overlap]:
+                self.dropped += len(tokens)
+                self._retire()
+                return False
+            if start + len(tokens) > committed and end > committed:
+                raise ProtocolError(f"drafts at position {start} repeat pending drafts")
+        for i, t in enumerate(tokens):
+            if start + i >= committed:
+                fresh.append(int(t))
+                fresh_dists.append(dists[i] if dists is not None else None)
+        if fresh and ledger.append_drafts(fresh) != len(fresh):
+            ledger.discard_drafts()
+            self.dists = []
+            raise PromptTooLongError(
+                f"drafts up to position {start + len(tokens)} exceed the context of "
+                f"{ledger.max_len}"
+            )
+        self.dists.extend(fresh_dists)
+        return True
+
+    def verify_window(self, end: int) -> Verdict:
+        """Verifies the pending drafts before position ``end`` (at least the committed length)."""
+        ledger = self.ledger
+        count = end - ledger.committed_len
+        if not 0 <= count <= ledger.pending_count:
+            raise ProtocolError(
+                f"cannot verify up to position {end}: {ledger.committed_len} committed and "
+                f"{ledger.pending_count} pending"
+            )
+        if ledger.committed_len + count >= ledger.max_len:
+            raise PromptTooLongError(
+                f"the sequence reached the target's context of {ledger.max_len} tokens"
+            )
+        start = ledger.committed_len
+        drafts = ledger.pending()[:count]
+        window = ledger.submit(count)
+        t0 = time.perf_counter()
+        logits = self.target.decode([ledger.last_token, *drafts], all_logits=True)
+        ledger.note_target_kv(self.target.kv_len)
+        if self.params.greedy:
+            accepted, nxt = verify_greedy(logits, drafts)
+        else:
+            window_dists = self.dists[:count]
+            if any(d is None for d in window_dists):
+                raise ProtocolError("sampled verification needs the draft distributions")
+            accepted, nxt = verify_sampled(
+                logits,
+                drafts,
+                [d for d in window_dists if d is not None],
+                self.params,
+                self.rng,
+                residual_fn=self.residual_fn,
+            )
+        decision = ledger.apply_verdict(window.epoch, accepted, nxt)
+        self.target.truncate(decision.target_keep)
+        if decision.rolled_back:
+            self.dists = []
+            self.retired = True
+        else:  # drafts beyond the window stay, except the first: it became the bonus token
+            self.dists = self.dists[count + 1 :]
+        return Verdict(
+            epoch=self.epoch,
+            start=start,
+            drafted=count,
+            accepted=accepted,
+            next_token=nxt,
+            verify_s=time.perf_counter() - t0,
+        )
 
     def verify(
         self,
@@ -134,36 +273,10 @@ class TargetSession:
         dists: Sequence[SparseDist] | None = None,
     ) -> Verdict:
         """Verifies drafts placed at position ``start`` (must be the committed length)."""
-        ledger = self.ledger
-        if start != ledger.committed_len:
+        if start != self.ledger.committed_len:
             raise ProtocolError(
-                f"drafts start at position {start}, but {ledger.committed_len} are committed"
+                f"drafts start at position {start}, but {self.ledger.committed_len} are committed"
             )
-        drafts = [int(t) for t in drafts]
-        if ledger.append_drafts(drafts) != len(drafts):
-            ledger.discard_drafts()
-            raise PromptTooLongError(
-                f"{len(drafts)} drafts at position {start} exceed the context of {ledger.max_len}"
-            )
-        window = ledger.submit(len(drafts))
-        t0 = time.perf_counter()
-        logits = self.target.decode([ledger.last_token, *drafts], all_logits=True)
-        ledger.note_target_kv(self.target.kv_len)
-        if self.params.greedy:
-            accepted, nxt = verify_greedy(logits, drafts)
-        else:
-            if dists is None:
-                raise ProtocolError("sampled verification needs the draft distributions")
-            accepted, nxt = verify_sampled(
-                logits, drafts, dists, self.params, self.rng, residual_fn=self.residual_fn
-            )
-        decision = ledger.apply_verdict(window.epoch, accepted, nxt)
-        self.target.truncate(decision.target_keep)
-        return Verdict(
-            epoch=window.epoch,
-            start=start,
-            drafted=len(drafts),
-            accepted=accepted,
-            next_token=nxt,
-            verify_s=time.perf_counter() - t0,
-        )
+        # A caller that does not track epochs moves on to a fresh one after a rejection.
+        self.receive(self.epoch + int(self.retired), start, drafts, dists)
+        return self.verify_window(start + len(drafts))

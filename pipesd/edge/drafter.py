@@ -54,6 +54,10 @@ class Drafter:
         self.draft_s += time.perf_counter() - t0
         return out
 
+    def sync(self, ledger: SpeculationLedger) -> None:
+        """Rolls the KV cache back to what the ledger still holds (after drafts were dropped)."""
+        self.model.truncate(min(self.model.kv_len, ledger.draft_kv))
+
     def apply(self, decision: VerdictDecision) -> None:
         """Rolls the KV cache back as a verdict decided (nothing to re-evaluate)."""
         if decision.stale:

@@ -24,6 +24,10 @@ class DraftPolicy(ABC):
     """Decides when pending drafts are sent for verification."""
 
     name = "base"
+    #: How many drafts to make (and stream) while a verdict is pending; 0 = stop and wait.
+    #: Drafts made during the wait survive only a fully accepted window whose bonus token
+    #: equals the first of them.
+    wait_drafts = 0
 
     def begin(self) -> None:
         """Called once at the start of a sequence."""

@@ -1,0 +1,291 @@
+"""The edge's connection to a cloud server: a VerifyLink over the PipeSD wire protocol.
+
+Frames travel through ``pipesd._core.FrameEndpoint`` (its own I/O thread and rings); this
+side waits on the endpoint's wake descriptor. When the connection drops mid-generation the
+link reconnects with exponential back-off and starts the sequence again from the committed
+prefix, so no token is lost or repeated; after ``reconnect_timeout`` seconds without a
+connection it gives up with a TransportError.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import time
+from collections.abc import Sequence
+
+from pipesd._core import (
+    Draft,
+    EndpointOptions,
+    ErrorCode,
+    Frame,
+    FrameEndpoint,
+    FrameType,
+    Hello,
+    Prefill,
+    WireDist,
+    decode_error,
+    decode_hello_ok,
+    decode_verdict,
+    encode_hello,
+    encode_prefill,
+    make_draft_frame,
+)
+from pipesd.cloud.verifier import Verdict
+from pipesd.errors import (
+    LinkLostError,
+    ProtocolError,
+    RemoteError,
+    TokenizerMismatchError,
+    TransportError,
+)
+from pipesd.netaddr import parse_hostport
+from pipesd.sampling import SamplingParams, SparseDist
+
+log = logging.getLogger("pipesd.edge")
+
+PROTOCOL_VERSION = 1
+
+
+class CloudLink:
+    """One session with a ``pipesd cloud`` server.
+
+    Args:
+        address: ``HOST:PORT`` of the cloud (or of a link emulator in front of it).
+        vocab_size, tokenizer_hash: the draft tokenizer, checked by the cloud at HELLO.
+        auth_token: the cloud's shared secret, if it requires one.
+        connect_timeout: seconds for one connection attempt and its HELLO exchange.
+        reconnect_timeout: how long a lost connection is retried before giving up.
+        reply_timeout: a verdict later than this counts as a lost connection.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        vocab_size: int,
+        tokenizer_hash: str,
+        auth_token: str = "",
+        connect_timeout: float = 10.0,
+        reconnect_timeout: float = 30.0,
+        reply_timeout: float = 300.0,
+    ) -> None:
+        self.address = address
+        self.host, self.port = parse_hostport(address, what="--cloud")
+        self.vocab_size = vocab_size
+        self.tokenizer_hash = tokenizer_hash
+        self.auth_token = auth_token
+        self.connect_timeout = connect_timeout
+        self.reconnect_timeout = reconnect_timeout
+        self.reply_timeout = reply_timeout
+        self.ep: FrameEndpoint | None = None
+        self.session = 0
+        self.model_fingerprint = ""
+        self.max_ctx = 0
+        self.params: SamplingParams | None = None
+        self.reconnects = 0
+        self._bytes = [0, 0]  # up, down of connections already closed
+        self.connect()
+
+    # ------------------------------------------------------------------ connection
+    def connect(self) -> None:
+        """Connects and says HELLO once; raises TransportError / RemoteError on failure."""
+        self._drop()
+        opts = EndpointOptions(connect_timeout_ms=int(1000 * self.connect_timeout))
+        try:
+            ep = FrameEndpoint.connect(self.host, self.port, opts)
+        except TransportError as e:
+            raise TransportError(f"cannot reach the cloud at {self.address}: {e}") from None
+        self.ep = ep
+        hello = Hello(self.auth_token, self.vocab_size, self.tokenizer_hash)
+        hello.min_version = hello.max_version = PROTOCOL_VERSION
+        self._send(Frame(FrameType.HELLO, 0, 0, encode_hello(hello)))
+        deadline = time.monotonic() + self.connect_timeout
+        while True:
+            frame = self._next_frame(deadline)
+            if frame is None:
+                self._drop()
+                raise LinkLostError(
+                    f"the cloud at {self.address} did not answer HELLO within "
+                    f"{self.connect_timeout:g} s"
+                )
+            if frame.type == FrameType.HELLO_OK:
+                ok = decode_hello_ok(frame.payload)
+                self.session = ok.session
+                self.model_fingerprint = ok.model_fingerprint
+                self.max_ctx = ok.max_ctx
+                log.debug("session %d with %s (%s)", ok.session, self.address, ok.model_fingerprint)
+                return
+            self._unexpected(frame, "HELLO_OK")
+
+    def recover(self, committed: Sequence[int], epoch: int) -> None:
+        """Reconnects with back-off and restarts the sequence from ``committed``."""
+        if self.params is None:
+            raise ProtocolError("recover before any sequence was started")
+        deadline = time.monotonic() + self.reconnect_timeout
+        delay, attempts = 0.05, 0
+        last: Exception | None = None
+        while True:
+            attempts += 1
+            try:
+                self.connect()
+                self.start(committed, self.params, epoch)
+                self.reconnects += 1
+                log.info("reconnected to %s after %d attempt(s)", self.address, attempts)
+                return
+            except (LinkLostError, TransportError) as e:
+                last = e
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._drop()
+                raise TransportError(
+                    f"lost the cloud at {self.address} and could not reconnect within "
+                    f"{self.reconnect_timeout:g} s ({attempts} attempts): {last}"
+                )
+            time.sleep(min(delay, left))
+            delay = min(2 * delay, 1.0)
+
+    def close(self) -> None:
+        """Ends the session politely (BYE) and closes the connection."""
+        if self.ep is not None and not self.ep.closed:
+            self.ep.send(Frame(FrameType.BYE, self.session, 0, b""))
+            self.ep.flush(200)
+        self._drop()
+
+    def _drop(self) -> None:
+        if self.ep is not None:
+            st = self.ep.stats()
+            self._bytes[0] += st["bytes_sent"]
+            self._bytes[1] += st["bytes_received"]
+            self.ep.close()
+            self.ep = None
+
+    def traffic(self) -> tuple[int, int]:
+        up, down = self._bytes
+        if self.ep is not None:
+            st = self.ep.stats()
+            up, down = up + st["bytes_sent"], down + st["bytes_received"]
+        return up, down
+
+    # -------------------------------------------------------------------- sequence
+    @property
+    def n_ctx(self) -> int:
+        return self.max_ctx
+
+    def start(self, prompt: Sequence[int], params: SamplingParams, epoch: int) -> float:
+        self.params = params
+        msg = Prefill(
+            temperature=params.temperature,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            seed=-1 if params.seed is None else params.seed,
+            tokens=[int(t) for t in prompt],
+        )
+        self._send(Frame(FrameType.PREFILL, self.session, epoch, encode_prefill(msg)))
+        return 0.0
+
+    def send(
+        self,
+        epoch: int,
+        start: int,
+        tokens: Sequence[int],
+        dists: Sequence[SparseDist] | None,
+        *,
+        verify: bool,
+    ) -> None:
+        wire: list[WireDist] = []
+        if dists is not None:
+            wire = [WireDist(d.ids.tolist(), d.probs.tolist()) for d in dists]
+        draft = Draft(start, [int(t) for t in tokens], wire)
+        self._send(make_draft_frame(self.session, epoch, draft, verify))
+
+    def wait(self, timeout: float | None) -> Verdict | None:
+        """The next VERDICT; None if none came within ``timeout`` (None: the reply timeout)."""
+        limit = self.reply_timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        while True:
+            frame = self._next_frame(deadline)
+            if frame is None:
+                if timeout is not None:
+                    return None
+                self._drop()
+                raise LinkLostError(f"no verdict from {self.address} within {limit:g} s")
+            if frame.type == FrameType.VERDICT:
+                v = decode_verdict(frame.payload)
+                return Verdict(
+                    epoch=frame.epoch,
+                    start=v.start,
+                    drafted=v.drafted,
+                    accepted=v.accepted,
+                    next_token=v.next_token,
+                    verify_s=v.verify_ms / 1000.0,
+                )
+            self._unexpected(frame, "VERDICT")
+
+    # --------------------------------------------------------------------- frames
+    def _send(self, frame: Frame) -> None:
+        ep = self.ep
+        if ep is None:
+            raise LinkLostError(f"not connected to {self.address}")
+        deadline = time.monotonic() + self.reply_timeout
+        while not ep.send(frame):  # the send ring is full: the network is the bottleneck
+            if ep.closed:
+                self._lost(ep)
+            if time.monotonic() > deadline:
+                self._drop()
+                raise LinkLostError(f"the connection to {self.address} stopped draining")
+            time.sleep(0.0005)
+
+    def _next_frame(self, deadline: float) -> Frame | None:
+        """The next frame, answering PINGs and skipping notices; None at the deadline."""
+        ep = self.ep
+        if ep is None:
+            raise LinkLostError(f"not connected to {self.address}")
+        while True:
+            frame = ep.try_recv()
+            if frame is not None:
+                if frame.type == FrameType.PING:
+                    ep.send(Frame(FrameType.PONG, self.session, frame.epoch, frame.payload))
+                    continue
+                if frame.type == FrameType.PONG:
+                    continue
+                if frame.type == FrameType.ERROR:
+                    err = decode_error(frame.payload)
+                    if err.code == int(ErrorCode.STALE_EPOCH.value):
+                        log.debug("cloud dropped stale frames: %s", err.message)
+                        continue
+                return frame
+            if ep.closed:
+                self._lost(ep)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            select.select([ep.wake_fd], [], [], left)
+            ep.drain_wake()
+
+    def _lost(self, ep: FrameEndpoint) -> None:
+        reason = ep.error or ep.close_reason
+        self._drop()
+        raise LinkLostError(f"connection to the cloud at {self.address} lost: {reason}")
+
+    def _unexpected(self, frame: Frame, wanted: str) -> None:
+        if frame.type == FrameType.ERROR:
+            err = decode_error(frame.payload)
+            self._drop()
+            name = _code_name(err.code)
+            if name == "TOKENIZER_MISMATCH":
+                raise TokenizerMismatchError(f"the cloud refused the draft: {err.message}")
+            raise RemoteError(name, err.message)
+        if frame.type == FrameType.BYE:
+            self._drop()
+            raise LinkLostError(f"the cloud at {self.address} ended the session")
+        self._drop()
+        raise ProtocolError(f"expected {wanted} from the cloud, got {frame.type.name}")
+
+
+def _code_name(code: int) -> str:
+    members: dict[str, ErrorCode] = getattr(ErrorCode, "__members__", {})
+    for name, c in members.items():
+        if int(c.value) == code:
+            return name
+    return f"code {code}"

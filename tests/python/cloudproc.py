@@ -1,0 +1,88 @@
+"""A real ``pipesd cloud`` process for tests: started, waited for, killed, read back."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PIPESD = [sys.executable, "-m", "pipesd.cli"]
+READY = re.compile(r"listening on (\S+):(\d+) ")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class CloudProcess:
+    """``pipesd cloud --target T --listen 127.0.0.1:PORT ...`` with stderr kept in a file."""
+
+    def __init__(self, target: Path | str, log_path: Path, *, port: int = 0,
+                 args: tuple[str, ...] = (), timeout: float = 120.0) -> None:  # fmt: skip
+        self.target, self.log_path, self.args = str(target), log_path, args
+        self.port = port
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start(timeout)
+
+    def start(self, timeout: float = 120.0) -> None:
+        """Starts the process and waits for its "listening" line (learning the port)."""
+        before = len(READY.findall(self.log())) if self.log_path.exists() else 0
+        cmd = [*PIPESD, "cloud", "--target", self.target, "--listen",
+               f"127.0.0.1:{self.port}", "-v", *self.args]  # fmt: skip
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = READY.findall(self.log())
+            if len(found) > before:
+                self.port = int(found[-1][1])
+                return
+            if self.proc.poll() is not None:
+                code = self.proc.returncode
+                raise RuntimeError(f"pipesd cloud exited with {code}:\n{self.log()}")
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"pipesd cloud did not start within {timeout} s")
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: the cloud dies without a word, as a crashed machine would."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> int:
+        """SIGTERM and wait; returns the exit status."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return int(self.proc.returncode)
+
+    def __enter__(self) -> CloudProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+__all__ = ["PIPESD", "CloudProcess", "free_port"]
