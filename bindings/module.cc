@@ -6,6 +6,7 @@
 namespace py = pybind11;
 
 void bind_kv(py::module_& m);
+void bind_scheduler(py::module_& m);
 void bind_transport(py::module_& m);
 
 PYBIND11_MODULE(_core, m) {
@@ -19,5 +20,6 @@ PYBIND11_MODULE(_core, m) {
   py::register_exception<pipesd::ScheduleError>(m, "ScheduleError", base.ptr());
 
   bind_kv(m);
+  bind_scheduler(m);
   bind_transport(m);
 }

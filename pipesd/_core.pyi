@@ -1,5 +1,7 @@
 """Type stubs for the compiled core, pipesd._core."""
 
+from collections.abc import Sequence
+
 class PipesdError(RuntimeError): ...
 class LedgerError(PipesdError): ...
 class ProtocolError(PipesdError): ...
@@ -274,3 +276,56 @@ class FrameListener:
     def accept(
         self, options: EndpointOptions = ..., timeout_ms: int = 0
     ) -> FrameEndpoint | None: ...
+
+# -------------------------------------------------- batch scheduler (PipeSD DP, arXiv 2605.13319)
+
+MAX_SCHEDULE_TOKENS: int
+"""The largest window the solvers accept (65536 tokens)."""
+
+class BatchPlan:
+    """Where to cut a window of draft tokens into batches, and when the last batch is through.
+
+    Cost model: token j (1-based) is drafted at ready(j); a batch of b tokens occupies the link
+    for alpha + beta * b; a batch leaves once its last token is drafted and the link is free
+    (free at time 0). Among equal makespans (relative tolerance 1e-12) the solver prefers the
+    fewest batches, then the largest last batch; every boundary of the plan is reached as early
+    as any batching of that prefix could reach it.
+    """
+
+    @property
+    def batch_ends(self) -> list[int]:
+        """Cumulative token counts at the end of each batch; the last is the window size."""
+    @property
+    def makespan(self) -> float:
+        """When the last batch has crossed the link, in the units of alpha, beta and ready."""
+    @property
+    def batch_sizes(self) -> list[int]:
+        """Tokens in each batch."""
+    @property
+    def num_batches(self) -> int: ...
+    @property
+    def num_tokens(self) -> int: ...
+
+def solve_batch_schedule(alpha: float, beta: float, ready: Sequence[float]) -> BatchPlan:
+    """The optimal batching of a window whose token j finishes drafting at ready[j-1].
+
+    alpha (per-batch send cost) and beta (per-token send cost) must be finite and >= 0; ready
+    must hold 1 to MAX_SCHEDULE_TOKENS finite, non-negative, non-decreasing times. Raises
+    ScheduleError otherwise. O(n^2) at worst; the GIL is released while it runs.
+    """
+
+def solve_batch_schedule_constant(alpha: float, beta: float, gamma: float, n: int) -> BatchPlan:
+    """The optimal batching of n tokens drafted at a constant gamma per token (ready(j) = gamma*j).
+
+    Same result as solve_batch_schedule with those ready times. Raises ScheduleError for a
+    negative or non-finite cost, or n outside 1..MAX_SCHEDULE_TOKENS.
+    """
+
+def plan_makespan(
+    alpha: float, beta: float, ready: Sequence[float], batch_ends: Sequence[int]
+) -> float:
+    """Simulates a given batching under the same cost model and returns its makespan.
+
+    batch_ends must be strictly increasing, start above 0 and end at len(ready). For a plan a
+    solver returned with the same arguments this equals plan.makespan exactly.
+    """
