@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from benchlib import machine, pin, write_block
 from rich.console import Console
 from rich.table import Table
 
@@ -35,36 +33,6 @@ from pipesd.workloads import humaneval_prompts
 
 VERIFY_SIZES = (1, 2, 4, 8, 16)
 DECODE_TOKENS = 16
-RESULTS_MD = Path(__file__).with_name("RESULTS.md")
-BEGIN, END = "<!-- components:begin -->", "<!-- components:end -->"
-
-
-def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-        cwd=Path(__file__).parent,
-    ).stdout.strip()  # fmt: skip
-    import torch
-
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "commit": commit or "uncommitted",
-        "date": time.strftime("%Y-%m-%d"),
-    }
-
-
-def pin(core: int) -> None:
-    if hasattr(os, "sched_setaffinity") and core < (os.cpu_count() or 1):
-        os.sched_setaffinity(0, {core})
 
 
 def median_ms(samples: list[float]) -> float:
@@ -110,7 +78,10 @@ def run(repeats: int, out_dir: Path) -> dict[str, Any]:
     prompt_text = humaneval_prompts()[0]
     draft_path = models.resolve(models.DEFAULT_DRAFT)
     target_path = models.resolve(models.DEFAULT_TARGET)
+    import torch
+
     result: dict[str, Any] = {"machine": machine(), "repeats": repeats, "threads": 1}
+    result["machine"]["torch"] = torch.__version__
 
     pin(0)
     draft = LlamaCppModel(draft_path, n_ctx=1024, n_threads=1)
@@ -165,17 +136,6 @@ def table_markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_results(r: dict[str, Any]) -> None:
-    block = f"{BEGIN}\n{table_markdown(r)}\n{END}"
-    text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Benchmark results\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n## Components\n\n" + block + "\n"
-    RESULTS_MD.write_text(text)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
@@ -193,7 +153,7 @@ def main() -> None:
             table.add_row(f"{name} verify {k}", f"{v:.0f}")
     Console().print(table)
     if not args.no_write:
-        write_results(r)
+        write_block("components", "## Components", table_markdown(r))
 
 
 if __name__ == "__main__":
