@@ -19,7 +19,7 @@ import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pipesd import models
 from pipesd.cloud.targets import load_target, pick_backend
@@ -36,10 +36,12 @@ from pipesd.errors import ModelError, TokenizerMismatchError
 from pipesd.llama_backend import LlamaCppModel, tokenizer_fingerprint
 from pipesd.policies import POLICIES, make_policy
 from pipesd.policies.base import DraftPolicy
+from pipesd.policies.pipesd import PipeSDPolicy, Thresholds, resolve_thresholds
 from pipesd.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from pipesd.edge.client import CloudLink
+    from pipesd.tune import OnlineRetuner
 
 
 def hf_token_texts(directory: Path) -> list[bytes]:
@@ -121,8 +123,14 @@ class Generator:
         reconnect_timeout: seconds a lost cloud connection is retried before an error.
         target_backend: ``auto`` (torch on CUDA, llama.cpp on CPU), ``torch`` or ``llama.cpp``.
         device: ``cpu`` or ``cuda[:N]`` for the torch backend.
-        policy: ``vanilla`` (default), ``target-only`` or ``draft-only``.
-        draft_len: drafts per verification for ``vanilla``.
+        policy: ``pipesd`` (default), one of its ablations, ``vanilla``, ``target-only`` or
+            ``draft-only`` (``pipesd.policies.POLICIES``).
+        draft_len: drafts per verification for ``vanilla`` and ``pipesd-fixed-trigger``.
+        thresholds: the PipeSD trigger's (R1, R2): a ``Thresholds``, a file written by
+            ``pipesd tune``, or None for ``$PIPESD_HOME/thresholds.json`` if it exists, else
+            the built-in values.
+        retune_drift: re-tune the thresholds online when time per token rises by more than
+            this fraction over what it was (``pipesd.tune.OnlineRetuner``); None: never.
         n_ctx: context size (prompt plus new tokens) of both models.
         draft_threads, target_threads: CPU threads for each model.
     """
@@ -134,8 +142,10 @@ class Generator:
         target: str = models.DEFAULT_TARGET,
         target_backend: str = "auto",
         device: str = "cpu",
-        policy: str = "vanilla",
+        policy: str = "pipesd",
         draft_len: int = 6,
+        thresholds: Thresholds | str | Path | None = None,
+        retune_drift: float | None = None,
         n_ctx: int = 4096,
         draft_threads: int = 1,
         target_threads: int = 1,
@@ -147,7 +157,14 @@ class Generator:
             raise ValueError(f"unknown policy {policy!r}; known: {', '.join(POLICIES)}")
         self.policy_name = policy
         self.draft_len = draft_len
-        make_policy(policy, draft_len=draft_len)  # validates the arguments before any load
+        self.thresholds = resolve_thresholds(thresholds)
+        self.retuner: OnlineRetuner | None = None
+        if retune_drift is not None:
+            from pipesd.tune import OnlineRetuner
+
+            self.retuner = OnlineRetuner(self.thresholds, drift=retune_drift)
+        # Validates the arguments before anything loads.
+        make_policy(policy, draft_len=draft_len, thresholds=self.thresholds)
         draft_path = models.resolve(draft)
         if draft_path.is_dir():
             raise ModelError(f"the draft runs in llama.cpp and needs a GGUF file, got {draft_path}")
@@ -238,13 +255,16 @@ class Generator:
             name, rule = policy.name, policy
         else:
             name = policy or self.policy_name
-            rule = make_policy(name, draft_len=draft_len or self.draft_len)
+            th = self.retuner.current if self.retuner is not None else self.thresholds
+            rule = make_policy(name, draft_len=draft_len or self.draft_len, thresholds=th)
+            if isinstance(rule, PipeSDPolicy) and self.retuner is not None:
+                rule.retuner = self.retuner
         if name != "target-only" and not self.drafting:
             raise ValueError(f"policy {name} needs the draft model, loaded as tokenizer only")
         link: VerifyLink | None = None
         if name != "draft-only":
             if self.cloud is not None:
-                link = self.cloud
+                link = cast(VerifyLink, self.cloud)
             elif self.target is not None:
                 link = LocalLink(self.target)
         decoder = SpecDecoder(

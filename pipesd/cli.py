@@ -40,9 +40,16 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--target-backend", choices=BACKENDS, default="auto",
                    help="auto: torch on CUDA, llama.cpp on CPU (default auto)")  # fmt: skip
     p.add_argument("--device", default="cpu", help="torch target device: cpu or cuda[:N]")
-    p.add_argument("--policy", choices=list(POLICIES), default="vanilla",
+    p.add_argument("--policy", choices=list(POLICIES), default="pipesd",
                    help="; ".join(f"{k}: {v}" for k, v in POLICIES.items()))  # fmt: skip
-    p.add_argument("--draft-len", type=int, default=6, help="drafts per verification (vanilla)")
+    p.add_argument("--draft-len", type=int, default=6,
+                   help="drafts per verification (vanilla, pipesd-fixed-trigger)")  # fmt: skip
+    p.add_argument("--retune-drift", type=float, default=None, metavar="F",
+                   help="pipesd: re-tune R1/R2 online when time per token rises by more than "
+                   "this fraction (e.g. 0.3); default: never")  # fmt: skip
+    p.add_argument("--thresholds", metavar="FILE",
+                   help="PipeSD's R1/R2 from `pipesd tune` (default: $PIPESD_HOME/thresholds.json "
+                   "if present, else built-in)")  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=40, help="sampling: top-k (0 = off)")
@@ -91,6 +98,52 @@ def read_token_file(path: str) -> str:
     return token
 
 
+def _add_tune(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from pipesd.link import SCENARIOS
+
+    p = sub.add_parser(
+        "tune",
+        help="tune PipeSD's thresholds R1, R2 on measured time per token",
+        description="Run PipeSD through the split system (a cloud process with the target, the "
+        "link emulator in SCENARIO, the draft here) on the workload's tuning split and let a "
+        "Bayesian optimiser (Nevergrad BO) pick (R1, R2) with the lowest time per token. "
+        "Writes a thresholds file that `generate --thresholds` reads (by default the one "
+        "`generate` uses).",
+    )
+    p.add_argument("--scenario", choices=list(SCENARIOS), default="paper-5g")
+    p.add_argument("--workload", default="humaneval:8",
+                   help="humaneval[:N] or PATH.jsonl[:N]; its tuning split is used")  # fmt: skip
+    p.add_argument("--budget", type=int, default=16, help="trials (default 16)")
+    p.add_argument("--draft", default=models.DEFAULT_DRAFT)
+    p.add_argument("--target", default=models.DEFAULT_TARGET)
+    p.add_argument("--cloud", metavar="HOST:PORT",
+                   help="tune against this running cloud instead of starting one")  # fmt: skip
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--ctx", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", metavar="FILE",
+                   help="thresholds file (default $PIPESD_HOME/thresholds.json)")  # fmt: skip
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipesd.tune import tune
+
+    result, path = tune(
+        scenario=args.scenario, workload=args.workload, budget=args.budget, draft=args.draft,
+        target=args.target, cloud=args.cloud, ctx=args.ctx, max_new_tokens=args.max_new_tokens,
+        seed=args.seed, out=Path(args.out) if args.out else None,
+    )  # fmt: skip
+    th = result.thresholds
+    print(
+        f"R1 = {th.r1:.4f}, R2 = {th.r2:.4f}: {result.ms_per_token:.1f} ms/token on "
+        f"{args.workload} (tuning split), {args.scenario}; optimiser {result.tuner_s:.2f} s of "
+        f"{result.wall_s:.0f} s; written to {path}"
+    )
+    return 0
+
+
 def _add_models(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("models", help="list or fetch the registry's models")
     msub = p.add_subparsers(dest="models_cmd", required=True)
@@ -112,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_cloud(sub)
     link.add_parser(sub)
+    _add_tune(sub)
     _add_models(sub)
     return parser
 
@@ -170,6 +224,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         device=args.device,
         policy=args.policy,
         draft_len=args.draft_len,
+        thresholds=args.thresholds,
+        retune_drift=args.retune_drift,
         n_ctx=args.ctx,
         draft_threads=args.draft_threads,
         target_threads=args.target_threads,
@@ -191,6 +247,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.json:
         stats = result.stats.to_dict()
         stats["target_backend"] = gen.target_backend
+        if args.policy.startswith("pipesd"):
+            stats["thresholds"] = gen.thresholds.to_dict()
+            if gen.retuner is not None:
+                stats["retunes"] = gen.retuner.retunes
         print(json.dumps({"text": result.text, "tokens": result.tokens, "stats": stats}))
     else:
         sys.stdout.write("\n")
@@ -233,6 +293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_cloud(args)
         if args.command == "link":
             return link.run(args)
+        if args.command == "tune":
+            return cmd_tune(args)
         return cmd_generate(args)
     except (PipesdError, ValueError) as e:
         if args.debug:

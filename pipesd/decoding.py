@@ -57,6 +57,9 @@ class GenerationStats:
     wait_s: float = 0.0  # the edge waiting for verdicts
     wait_drafted: int = 0  # drafts made while a verdict was pending
     wait_kept: int = 0  # of those, drafts that survived the verdict
+    batches: int = 0  # frames of drafts streamed before their window's verify request
+    trigger_s: float = 0.0  # deciding when to verify (the policy's trigger)
+    plan_s: float = 0.0  # planning batches (the DP solver and its monitor)
     reconnects: int = 0  # connections to the cloud re-established mid-generation
     bytes_up: int = 0  # bytes sent to the cloud (frames, headers included)
     bytes_down: int = 0  # bytes received from the cloud
@@ -158,6 +161,12 @@ class VerifyLink(Protocol):
     def traffic(self) -> tuple[int, int]:
         """Bytes (up, down) moved so far."""
 
+    def probe(self) -> None:
+        """Measures a round trip of a small frame (answered through ``take_rtts``)."""
+
+    def take_rtts(self) -> list[float]:
+        """Round trips (seconds) measured since the last call."""
+
 
 class LocalLink:
     """A target in this process: a window is verified the moment it is sent."""
@@ -199,6 +208,12 @@ class LocalLink:
     def traffic(self) -> tuple[int, int]:
         return 0, 0
 
+    def probe(self) -> None:
+        pass
+
+    def take_rtts(self) -> list[float]:
+        return []
+
 
 class SpecDecoder:
     """Speculative decoding: a drafter on this side, the target behind a VerifyLink."""
@@ -232,6 +247,7 @@ class SpecDecoder:
         )  # fmt: skip
         self._dists: list[SparseDist | None] = []  # one per pending draft
         self._last: DraftToken | None = None  # the newest pending draft
+        self._wait_fired = False  # the trigger fired on a draft made during the wait
 
     def stream(
         self, prompt: Sequence[int], *, max_new_tokens: int, stats: GenerationStats
@@ -322,11 +338,28 @@ class SpecDecoder:
 
     def _draft_one(self, ledger: SpeculationLedger, stats: GenerationStats) -> DraftToken:
         assert self.drafter is not None
+        t0 = time.perf_counter()
         d = self.drafter.draft(ledger)
+        if self.policy is not None:
+            self.policy.on_draft_time(time.perf_counter() - t0)
         self._dists.append(d.dist)
         self._last = d
         stats.drafted += 1
         return d
+
+    def _should_verify(self, pending: int, d: DraftToken, stats: GenerationStats) -> bool:
+        assert self.policy is not None
+        t0 = time.perf_counter()
+        fire = d.token in self.eog or self.policy.should_verify(pending, d)
+        stats.trigger_s += time.perf_counter() - t0
+        return fire
+
+    def _should_send(self, pending: int, stats: GenerationStats) -> bool:
+        assert self.policy is not None
+        t0 = time.perf_counter()
+        send = self.policy.should_send(pending)
+        stats.plan_s += time.perf_counter() - t0
+        return send
 
     def _send_unsent(self, ledger: SpeculationLedger, upto: int, *, verify: bool) -> None:
         """Streams pending drafts [sent, upto) (the window ends at ``upto`` when verify)."""
@@ -349,21 +382,27 @@ class SpecDecoder:
             self._dists = []
             return
         assert self.link is not None
+        self.link.probe()  # between windows the cloud answers at once
         # k drafts yield up to k + 1 tokens: never draft past the budget or the context.
         room = max(0, min(budget - 1, self.n_ctx - ledger.committed_len - 1))
         if self.policy is not None:
             pending = ledger.pending_count
             last = self._last
-            stop = pending > 0 and last is not None and (
-                last.token in self.eog or self.policy.should_verify(pending, last)
-            )  # fmt: skip
+            # Drafts kept from the wait: the trigger already saw them while they were made.
+            stop = pending > 0 and last is not None and (last.token in self.eog or self._wait_fired)
             while not stop and pending < room:
                 d = self._draft_one(ledger, stats)
                 pending += 1
-                stop = d.token in self.eog or self.policy.should_verify(pending, d)
+                stop = self._should_verify(pending, d, stats)
+                if not stop and pending < room and self._should_send(pending, stats):
+                    self._send_unsent(ledger, ledger.pending_count, verify=False)
+                    stats.batches += 1
         count = min(ledger.pending_count, room)
+        last_batch = count - min(ledger.sent_count, count)
+        t_send = time.perf_counter()
         self._send_unsent(ledger, count, verify=True)
         verdict = self._await_verdict(ledger, stats)
+        t_verdict = time.perf_counter()
         decision = ledger.apply_verdict(verdict.epoch, verdict.accepted, verdict.next_token)
         if decision.stale:
             raise ProtocolError(
@@ -372,11 +411,13 @@ class SpecDecoder:
             )
         beyond = len(self._dists) - count
         if decision.rolled_back:
-            self._dists, self._last = [], None
+            self._dists, self._last, self._wait_fired = [], None, False
+            if self.policy is not None:
+                self.policy.on_rollback()
         else:  # the first draft beyond the window became the bonus token
             self._dists = self._dists[count + 1 :]
             if not self._dists:
-                self._last = None
+                self._last, self._wait_fired = None, False
             stats.wait_kept += max(0, beyond - 1)
         if self.drafter is not None:
             self.drafter.apply(decision)
@@ -388,17 +429,23 @@ class SpecDecoder:
             stats.wasted_drafts += decision.discarded
             stats.rollbacks += int(decision.rolled_back)
             self.policy.on_verdict(verdict)
+            for rtt in self.link.take_rtts():
+                self.policy.on_rtt(rtt)
+            self.policy.on_window_timing(verdict, last_batch, t_verdict - t_send)
 
     def _await_verdict(self, ledger: SpeculationLedger, stats: GenerationStats) -> Verdict:
         """Waits for the verdict; drafts and streams more meanwhile if the policy says so."""
         assert self.link is not None
         t0 = time.perf_counter()
         limit = self.policy.wait_drafts if self.policy is not None else 0
+        window = ledger.window.count
         made = 0
+        self._wait_fired = False
         try:
             while True:
                 waiting = (
                     made < limit
+                    and not self._wait_fired
                     and ledger.committed_len + ledger.pending_count < self.n_ctx - 1
                     and (self._last is None or self._last.token not in self.eog)
                 )
@@ -406,9 +453,13 @@ class SpecDecoder:
                 if verdict is not None:
                     return verdict
                 if waiting:
-                    self._draft_one(ledger, stats)
+                    d = self._draft_one(ledger, stats)
                     made += 1
                     stats.wait_drafted += 1
                     self._send_unsent(ledger, ledger.pending_count, verify=False)
+                    # If kept, the first becomes the bonus token; the next window starts after.
+                    position = ledger.pending_count - window - 1
+                    if position >= 1 and self._should_verify(position, d, stats):
+                        self._wait_fired = True
         finally:
             stats.wait_s += time.perf_counter() - t0

@@ -46,10 +46,26 @@ def jsonl_prompts(path: Path) -> list[str]:
     return prompts
 
 
-def load(spec: str) -> list[str]:
-    """``humaneval[:N]`` or ``PATH.jsonl[:N]``: the first N prompts (all when N is absent)."""
+SPLITS = ("all", "report", "tune")
+
+
+def split_prompts(prompts: list[str], split: str) -> list[str]:
+    """Fixed, disjoint splits: ``report`` is the first half of a prompt set (in file order),
+    ``tune`` the second half, so thresholds are never tuned on the prompts they are judged on."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+    if split == "all":
+        return prompts
+    half = (len(prompts) + 1) // 2
+    return prompts[:half] if split == "report" else prompts[half:]
+
+
+def load(spec: str, *, split: str = "all") -> list[str]:
+    """``humaneval[:N]`` or ``PATH.jsonl[:N]``: the first N prompts of ``split`` (all of it
+    when N is absent)."""
     name, _, count = spec.partition(":") if not Path(spec).is_file() else (spec, "", "")
     prompts = humaneval_prompts() if name == "humaneval" else jsonl_prompts(Path(name))
+    prompts = split_prompts(prompts, split)
     if count:
         try:
             n = int(count)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import select
+import struct
 import time
 from collections.abc import Sequence
 
@@ -85,6 +86,12 @@ class CloudLink:
         self.params: SamplingParams | None = None
         self.reconnects = 0
         self._bytes = [0, 0]  # up, down of connections already closed
+        self._rtts: list[float] = []
+        # Each sequence's ledger counts epochs from its start; on the wire they must never
+        # decrease within a session (the cloud drops frames of older epochs), so every
+        # sequence is shifted past the highest epoch already used.
+        self._epoch_base = 0
+        self._wire_epoch = 0
         self.connect()
 
     # ------------------------------------------------------------------ connection
@@ -167,13 +174,28 @@ class CloudLink:
             up, down = up + st["bytes_sent"], down + st["bytes_received"]
         return up, down
 
+    def probe(self) -> None:
+        """Sends a PING carrying its send time; its PONG yields a round trip."""
+        stamp = struct.pack("<d", time.perf_counter())
+        self._send(Frame(FrameType.PING, self.session, 0, stamp))
+
+    def take_rtts(self) -> list[float]:
+        out, self._rtts = self._rtts, []
+        return out
+
     # -------------------------------------------------------------------- sequence
     @property
     def n_ctx(self) -> int:
         return self.max_ctx
 
+    def _to_wire(self, epoch: int) -> int:
+        wire = epoch + self._epoch_base
+        self._wire_epoch = max(self._wire_epoch, wire)
+        return wire
+
     def start(self, prompt: Sequence[int], params: SamplingParams, epoch: int) -> float:
         self.params = params
+        self._epoch_base = self._wire_epoch + 1 - epoch
         msg = Prefill(
             temperature=params.temperature,
             top_k=params.top_k,
@@ -181,7 +203,8 @@ class CloudLink:
             seed=-1 if params.seed is None else params.seed,
             tokens=[int(t) for t in prompt],
         )
-        self._send(Frame(FrameType.PREFILL, self.session, epoch, encode_prefill(msg)))
+        self._send(Frame(FrameType.PREFILL, self.session, self._to_wire(epoch),
+                         encode_prefill(msg)))  # fmt: skip
         return 0.0
 
     def send(
@@ -197,7 +220,7 @@ class CloudLink:
         if dists is not None:
             wire = [WireDist(d.ids.tolist(), d.probs.tolist()) for d in dists]
         draft = Draft(start, [int(t) for t in tokens], wire)
-        self._send(make_draft_frame(self.session, epoch, draft, verify))
+        self._send(make_draft_frame(self.session, self._to_wire(epoch), draft, verify))
 
     def wait(self, timeout: float | None) -> Verdict | None:
         """The next VERDICT; None if none came within ``timeout`` (None: the reply timeout)."""
@@ -213,7 +236,7 @@ class CloudLink:
             if frame.type == FrameType.VERDICT:
                 v = decode_verdict(frame.payload)
                 return Verdict(
-                    epoch=frame.epoch,
+                    epoch=frame.epoch - self._epoch_base,
                     start=v.start,
                     drafted=v.drafted,
                     accepted=v.accepted,
@@ -248,6 +271,9 @@ class CloudLink:
                     ep.send(Frame(FrameType.PONG, self.session, frame.epoch, frame.payload))
                     continue
                 if frame.type == FrameType.PONG:
+                    if len(frame.payload) == 8:
+                        sent = struct.unpack("<d", frame.payload)[0]
+                        self._rtts.append(time.perf_counter() - sent)
                     continue
                 if frame.type == FrameType.ERROR:
                     err = decode_error(frame.payload)

@@ -8,12 +8,19 @@ model alone; the decoder handles them without drafting or without verifying.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any
 
 from pipesd.cloud.verifier import Verdict
 from pipesd.edge.drafter import DraftToken
 
 #: Every policy name the decoder accepts, with a one-line description.
 POLICIES: dict[str, str] = {
+    "pipesd": "dual-threshold trigger, DP-planned token-batch pipeline, drafting during "
+    "verification",
+    "pipesd-no-pipeline": "PipeSD's trigger; the window goes out at once and the edge waits",
+    "pipesd-fixed-trigger": "PipeSD's pipeline with a fixed draft length (--draft-len)",
+    "pipesd-token-trigger": "PipeSD with only the single-token threshold R2",
+    "pipesd-seq-trigger": "PipeSD with only the cumulative threshold R1",
     "vanilla": "draft a fixed number of tokens, then verify and wait (stop-and-wait)",
     "target-only": "the target model alone, one token per forward pass (the reference)",
     "draft-only": "the draft model alone, no verification (its text differs)",
@@ -39,6 +46,24 @@ class DraftPolicy(ABC):
     def on_verdict(self, verdict: Verdict) -> None:
         """Called after each verdict (adaptive policies update themselves here)."""
 
+    def on_rollback(self) -> None:
+        """Drafts were thrown away: the speculation restarts after the committed prefix."""
+
+    def should_send(self, pending: int) -> bool:
+        """After drafting the window's ``pending``-th token and not triggering: stream the
+        unsent drafts now as one batch? (Otherwise they go with the verify request.)"""
+        return False
+
+    def on_draft_time(self, seconds: float) -> None:
+        """How long the newest draft token took."""
+
+    def on_rtt(self, seconds: float) -> None:
+        """A round trip of a small frame to the cloud."""
+
+    def on_window_timing(self, verdict: Verdict, last_batch: int, send_to_verdict_s: float) -> None:
+        """A verified window: its last batch's size and the time from sending it to the
+        verdict."""
+
 
 class FixedLengthPolicy(DraftPolicy):
     """Verify after a fixed number of drafts."""
@@ -54,10 +79,19 @@ class FixedLengthPolicy(DraftPolicy):
         return pending >= self.draft_len
 
 
-def make_policy(name: str, *, draft_len: int) -> DraftPolicy | None:
-    """The policy object for a name; None for the single-model references."""
+def make_policy(name: str, *, draft_len: int, thresholds: Any = None) -> DraftPolicy | None:
+    """The policy object for a name; None for the single-model references.
+
+    ``thresholds``: a ``pipesd.policies.pipesd.Thresholds`` for the PipeSD family.
+    """
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
+    if draft_len < 1:
+        raise ValueError(f"draft length must be >= 1, got {draft_len}")
     if name == "vanilla":
         return FixedLengthPolicy(draft_len)
+    if name.startswith("pipesd"):
+        from pipesd.policies.pipesd import make_pipesd_policy
+
+        return make_pipesd_policy(name, thresholds=thresholds, draft_len=draft_len)
     return None

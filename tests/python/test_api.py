@@ -15,8 +15,8 @@ from pipesd import GenerationResult, Generator, PromptTooLongError
 @pytest.fixture(scope="module")
 def gen(mild_draft, smollm_path):
     with Generator(
-        draft=str(mild_draft), target=str(smollm_path), target_backend="llama.cpp", draft_len=4,
-        n_ctx=512,
+        draft=str(mild_draft), target=str(smollm_path), target_backend="llama.cpp",
+        policy="vanilla", draft_len=4, n_ctx=512,
     ) as g:  # fmt: skip
         yield g
 

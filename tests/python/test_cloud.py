@@ -20,7 +20,16 @@ from pipesd.workloads import humaneval_prompts
 
 N_PROMPTS = 5  # the prompts of the local-mode lossless test
 N_NEW = 64
-COMMON = ("--ctx", "1024", "--draft-len", "6", "--max-new-tokens", str(N_NEW))
+COMMON = (
+    "--ctx",
+    "1024",
+    "--policy",
+    "vanilla",
+    "--draft-len",
+    "6",
+    "--max-new-tokens",
+    str(N_NEW),
+)
 
 
 def cli_generate(*args: str, prompt: str) -> dict[str, Any]:
@@ -95,7 +104,9 @@ def test_link_cut_mid_round_resumes_exactly(real_cloud, prompts, local_outputs,
                                             real_draft_path: Path) -> None:  # fmt: skip
     with (
         Link(("127.0.0.1", real_cloud.port), "paper-5g") as link,
-        Generator(draft=str(real_draft_path), cloud=f"127.0.0.1:{link.port}", n_ctx=1024) as gen,
+        Generator(
+            draft=str(real_draft_path), cloud=f"127.0.0.1:{link.port}", n_ctx=1024, policy="vanilla"
+        ) as gen,
     ):
         # The verify pass takes over a second on this machine: 100 ms after the window left,
         # it is with the cloud.
@@ -113,7 +124,9 @@ def test_cloud_killed_and_restarted_mid_generation(
     cloud = CloudProcess(real_target_path, tmp_path / "cloud.log", port=free_port(),
                          args=("--ctx", "1024"))  # fmt: skip
     try:
-        with Generator(draft=str(real_draft_path), cloud=cloud.address, n_ctx=1024) as gen:
+        with Generator(
+            draft=str(real_draft_path), cloud=cloud.address, n_ctx=1024, policy="vanilla"
+        ) as gen:
 
             def crash_and_restart() -> None:
                 cloud.kill()  # SIGKILL while it verifies the window

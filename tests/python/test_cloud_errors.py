@@ -109,7 +109,9 @@ def cloud(smollm_path: Path, tmp_path_factory: pytest.TempPathFactory):  # type:
 
 @pytest.fixture(scope="module")
 def reference(mild_draft: Path, smollm_path: Path) -> list[int]:
-    with Generator(draft=str(mild_draft), target=str(smollm_path), n_ctx=1024) as gen:
+    with Generator(
+        draft=str(mild_draft), target=str(smollm_path), n_ctx=1024, policy="vanilla", draft_len=1
+    ) as gen:
         return gen.generate(PROMPT, max_new_tokens=N_NEW).tokens
 
 
@@ -122,7 +124,7 @@ def test_bad_inputs_close_only_their_connection(cloud, smollm_vocab, mild_draft,
     def run_healthy() -> None:
         try:
             with Generator(draft=str(mild_draft), cloud=cloud.address, auth_token=TOKEN,
-                           n_ctx=1024, draft_len=1) as gen:  # fmt: skip
+                           n_ctx=1024, policy="vanilla", draft_len=1) as gen:  # fmt: skip
                 healthy["tokens"] = gen.generate(PROMPT, max_new_tokens=N_NEW).tokens
         except BaseException as e:  # reported by the assertion below
             healthy["error"] = e

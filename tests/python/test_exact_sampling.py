@@ -37,7 +37,7 @@ PARAMS = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, seed=1234)
 def pair(sampling_draft, smollm_path):
     with Generator(
         draft=str(sampling_draft), target=str(smollm_path), target_backend="llama.cpp",
-        draft_len=1, n_ctx=256,
+        policy="vanilla", draft_len=1, n_ctx=256,
     ) as gen:  # fmt: skip
         yield gen
 

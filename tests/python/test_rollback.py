@@ -23,8 +23,8 @@ PROMPTS = [
 
 def test_hundreds_of_rollbacks_keep_target_output(wild_draft, smollm_path) -> None:
     with Generator(
-        draft=str(wild_draft), target=str(smollm_path), target_backend="torch", draft_len=4,
-        n_ctx=512, target_threads=1,
+        draft=str(wild_draft), target=str(smollm_path), target_backend="torch",
+        policy="vanilla", draft_len=4, n_ctx=512, target_threads=1,
     ) as gen:  # fmt: skip
         total_rollbacks, compared, all_ties = 0, 0, []
         for prompt in PROMPTS:

@@ -497,12 +497,14 @@ def test_hf_directory_as_generator_target(
     vocab.close()
     _write_tokenizer_json(hf, texts)
     prompt = "def fibonacci(n):"
-    with Generator(draft=str(smollm_path), target=str(hf), n_ctx=256, draft_len=3) as gen:
+    with Generator(
+        draft=str(smollm_path), target=str(hf), n_ctx=256, policy="vanilla", draft_len=3
+    ) as gen:
         assert gen.target_backend == "torch"  # auto picks torch for a directory
         from_hf = gen.generate(prompt, max_new_tokens=16)
     with Generator(
         draft=str(smollm_path), target=str(smollm_path), target_backend="torch", n_ctx=256,
-        draft_len=3,
+        policy="vanilla", draft_len=3,
     ) as gen:  # fmt: skip
         from_gguf = gen.generate(prompt, max_new_tokens=16)
     assert from_hf.tokens == from_gguf.tokens

@@ -36,7 +36,13 @@ def test_wait_drafts_kept_and_discarded_output_exact(smollm_path: Path, mild_dra
         link = stack.enter_context(Link(("127.0.0.1", cloud.port), "wan"))
         address = f"127.0.0.1:{link.port}"
         gen = stack.enter_context(Generator(draft=str(mild_draft), cloud=address, n_ctx=1024))
+        gen.cloud.reply_timeout = 60  # a dropped verify request fails the test, not hangs it
         res = gen.generate(PROMPT, max_new_tokens=N_NEW, policy=DraftWhileWaiting(4))
+        # The same session again, twice: the next sequences start after drafts of the last one
+        # were still in flight, and must not be mistaken for them.
+        for _ in range(2):
+            again = gen.generate(PROMPT, max_new_tokens=N_NEW, policy=DraftWhileWaiting(4))
+            assert again.tokens == res.tokens and again.stats.reconnects == 0
     st = res.stats
     print(f"\nwait-drafted {st.wait_drafted}, kept {st.wait_kept}, rollbacks {st.rollbacks}, "
           f"verifications {st.verifications}")  # fmt: skip
