@@ -330,7 +330,9 @@ class SpecDecoder:
         """The connection dropped: forget every draft, resume from the committed prefix."""
         assert self.link is not None
         stats.wasted_drafts += ledger.discard_drafts()
-        self._dists, self._last = [], None
+        self._dists, self._last, self._wait_fired = [], None, False
+        if self.policy is not None:
+            self.policy.on_rollback()
         if self.drafter is not None:
             self.drafter.sync(ledger)
         self.link.recover(ledger.committed(), ledger.epoch)
