@@ -113,10 +113,7 @@ def main() -> None:
         "identical_outputs": same,
         "report_s": report_s,
         "total_s": total_s,
-        "runs": {
-            k: [{kk: vv for kk, vv in r.items() if kk != "tokens"} for r in v]
-            for k, v in runs.items()
-        },  # fmt: skip
+        "runs": runs,  # per prompt, with the output token ids
     }
     (args.out / "pipesd.json").write_text(json.dumps(result, indent=2))
     text = table_markdown(result)
