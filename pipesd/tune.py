@@ -177,6 +177,8 @@ def tune(*, scenario: str, workload: str, budget: int = 16, draft: str = models.
 
     if scenario not in SCENARIOS:
         raise ValueError(f"unknown scenario {scenario!r}; known: {', '.join(SCENARIOS)}")
+    if budget < 1:
+        raise ValueError(f"--budget must be >= 1, got {budget}")
     prompts = workloads.load(workload, split="tune")
     if not prompts:
         raise ValueError(f"workload {workload} has no prompts in its tuning split")

@@ -109,3 +109,12 @@ def test_fetch_and_list_from_a_fresh_cache(tmp_path: Path) -> None:
     assert listing.returncode == 0
     row = next(ln for ln in listing.stdout.splitlines() if "smollm2-135m" in ln)
     assert "yes" in row
+
+
+def test_tune_and_thresholds_errors(tmp_path: Path) -> None:
+    proc = run_cli("tune", "--budget", "0")
+    assert_one_error_line(proc, "--budget must be >= 1")
+    proc = run_cli("tune", "--workload", str(tmp_path / "none.jsonl"))
+    assert_one_error_line(proc, "workload file not found")
+    proc = run_cli("generate", "--thresholds", str(tmp_path / "th.json"), "hi")
+    assert_one_error_line(proc, "thresholds file", "not found", "pipesd tune")
