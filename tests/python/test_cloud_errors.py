@@ -272,3 +272,24 @@ def test_cloud_refuses_open_listen_without_token(smollm_path: Path) -> None:
         port = busy.getsockname()[1]
         proc = run_cli("cloud", "--target", str(smollm_path), "--listen", f"127.0.0.1:{port}")
         assert_one_error_line(proc, f"cannot listen on 127.0.0.1:{port}")
+
+
+def test_one_session_too_many_is_refused_busy(smollm_path: Path, smollm_vocab,
+                                              tmp_path: Path) -> None:  # fmt: skip
+    vocab, fingerprint, prompt_ids = smollm_vocab
+    with CloudProcess(smollm_path, tmp_path / "cloud.log", args=("--max-sessions", "1")) as cloud:
+        first = Raw(cloud.port)
+        sid = first.hello(vocab, fingerprint, token="")
+        second = Raw(cloud.port)
+        second.send(Frame(FrameType.HELLO, 0, 0, encode_hello(Hello("", vocab, fingerprint))))
+        code, message = second.error_then_close()
+        assert code == "BUSY" and "1 sessions" in message
+        # The first session is unaffected, and its end frees the place.
+        first.send(Frame(FrameType.PREFILL, sid, 1, encode_prefill(Prefill(prompt_ids))))
+        first.send(make_draft_frame(sid, 1, WireDraft(len(prompt_ids), [], []), True))
+        f = first.frame()
+        assert f is not None and f.type == FrameType.VERDICT
+        first.send(Frame(FrameType.BYE, sid, 1))
+        assert first.frame() is not None and first.frame() is None
+        third = Raw(cloud.port)
+        assert third.hello(vocab, fingerprint, token="") > sid
