@@ -9,6 +9,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipesd.tune import pin
+
+__all__ = ["HERE", "RESULTS_MD", "commit_label", "machine", "pin", "write_block"]
+
 HERE = Path(__file__).resolve().parent
 RESULTS_MD = HERE / "RESULTS.md"
 
@@ -41,12 +45,6 @@ def machine() -> dict[str, Any]:
 
 def commit_label(m: dict[str, Any]) -> str:
     return str(m["commit"]) + (" with uncommitted changes" if m.get("dirty") else "")
-
-
-def pin(core_id: int, pid: int = 0) -> None:
-    """Runs ``pid`` (0: this process) on one core, where the machine has it."""
-    if hasattr(os, "sched_setaffinity") and core_id < (os.cpu_count() or 1):
-        os.sched_setaffinity(pid, {core_id})
 
 
 def write_block(name: str, heading: str, body: str, *, after: str | None = None) -> None:

@@ -254,6 +254,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(json.dumps({"text": result.text, "tokens": result.tokens, "stats": stats}))
     else:
         sys.stdout.write("\n")
+        sys.stdout.flush()  # the text ends before the statistics line on a shared terminal
         backend = f", target on {gen.target_backend}" if gen.target_backend else ""
         print(result.stats.summary() + backend, file=sys.stderr)
     return 0

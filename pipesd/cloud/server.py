@@ -179,6 +179,8 @@ class CloudServer:
         self.port = sock.getsockname()[1]
         loop.add_reader(sock.fileno(), self._accept, sock)
         for sig in (signal.SIGINT, signal.SIGTERM):
+            # Only possible in the main thread; a server embedded in another thread is stopped
+            # with stop() instead.
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(sig, self._stop.set)
         if ready is not None:
