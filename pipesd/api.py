@@ -241,12 +241,14 @@ class Generator:
         seed: int | None = None,
         policy: str | DraftPolicy | None = None,
         draft_len: int | None = None,
+        trace: list[tuple[str, float, float]] | None = None,
     ) -> TokenStream:
         """Streams output tokens as they are committed. One stream at a time per Generator.
 
         ``policy`` and ``draft_len`` override the Generator's for this call, so one set of
         loaded models serves every policy (``target-only`` needs the target loaded, the others
-        the draft). ``policy`` may also be a ``DraftPolicy`` instance of your own.
+        the draft). ``policy`` may also be a ``DraftPolicy`` instance of your own. ``trace``:
+        a list that receives the decoder's timeline events (see ``SpecDecoder``).
         """
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         prompt_ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
@@ -274,6 +276,7 @@ class Generator:
             params=params,
             policy_name=name,
             policy=rule,
+            trace=trace,
         )
         stats = GenerationStats(policy=name)
         tokens: list[int] = []

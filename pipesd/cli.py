@@ -125,6 +125,89 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
                    help="thresholds file (default $PIPESD_HOME/thresholds.json)")  # fmt: skip
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from pipesd.bench import BENCH_SCENARIOS
+
+    scen = ", ".join(f"{k} ({v.description})" for k, v in BENCH_SCENARIOS.items())
+    p = sub.add_parser(
+        "bench",
+        help="compare policies across scenarios and workloads (time, energy, plots)",
+        description="Run every (policy, scenario, prompt) through the real split system: a "
+        "cloud process with the target on core 1, the link emulator, and an edge process with "
+        "the draft on core 0 (CPU-limited with cgroup v1 in s2, s3). Finished runs are kept "
+        "in OUT/results.jsonl, so an interrupted bench resumes; writes results.json, "
+        "results.md and PNG plots. Scenarios: " + scen + ".",
+    )
+    p.add_argument(
+        "--policies",
+        default="all",
+        help="comma-separated policies, or all (default): " + ", ".join(POLICIES),
+    )
+    p.add_argument(
+        "--scenarios",
+        default="all",
+        help="comma-separated scenarios, or all (default): " + ", ".join(BENCH_SCENARIOS),
+    )
+    p.add_argument(
+        "--workload",
+        action="append",
+        metavar="NAME[:N]",
+        help="humaneval[:N], gsm8k[:N] or PATH.jsonl[:N] (objects with a 'prompt' "
+        "field); the first N prompts of its report split; repeat or comma-separate "
+        "for several (default humaneval:2)",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=1, help="runs per (policy, scenario, prompt)")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument(
+        "--thresholds",
+        metavar="FILE",
+        help="PipeSD thresholds (default: the tuned file if any, else built-in)",
+    )
+    p.add_argument("--draft", default=models.DEFAULT_DRAFT)
+    p.add_argument("--target", default=models.DEFAULT_TARGET)
+    p.add_argument("--target-backend", choices=BACKENDS, default="auto")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--ctx", type=int, default=2048)
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write the reports from OUT/results.jsonl without running anything",
+    )
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipesd import bench
+
+    policies = bench.parse_list(args.policies, list(POLICIES), "policies")
+    scenarios = bench.parse_list(args.scenarios, list(bench.BENCH_SCENARIOS), "scenarios")
+    specs = [w.strip() for arg in (args.workload or ["humaneval:2"]) for w in arg.split(",")
+             if w.strip()]  # fmt: skip
+    out = Path(args.out)
+    if args.report_only:
+        records = bench.load_records(out / "results.jsonl")
+        if not records:
+            raise bench.BenchError(f"no finished runs in {out / 'results.jsonl'}")
+        result = bench.report(records, out, policies=policies, scenarios=scenarios,
+                              specs=specs, max_new_tokens=args.max_new_tokens,
+                              target=str(models.resolve(args.target)),
+                              plots=not args.no_plots)  # fmt: skip
+    else:
+        result = bench.run(
+            policies=policies, scenarios=scenarios, specs=specs,
+            max_new_tokens=args.max_new_tokens, out=out, repeats=args.repeats,
+            thresholds=Path(args.thresholds) if args.thresholds else None, ctx=args.ctx,
+            draft=args.draft, target=args.target, target_backend=args.target_backend,
+            device=args.device, plots=not args.no_plots,
+        )  # fmt: skip
+    print(f"pipesd bench: {len(result['runs'])} runs; wrote {out / 'results.md'}",
+          file=sys.stderr)  # fmt: skip
+    return 0
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -166,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cloud(sub)
     link.add_parser(sub)
     _add_tune(sub)
+    _add_bench(sub)
     _add_models(sub)
     return parser
 
@@ -296,6 +380,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return link.run(args)
         if args.command == "tune":
             return cmd_tune(args)
+        if args.command == "bench":
+            return cmd_bench(args)
         return cmd_generate(args)
     except (PipesdError, ValueError) as e:
         if args.debug:

