@@ -239,6 +239,8 @@ def run(*, policies: list[str], scenarios: list[str], specs: list[str], max_new_
     out.mkdir(parents=True, exist_ok=True)
     jsonl = out / "results.jsonl"
     records = load_records(jsonl)
+    if jsonl.is_file():  # drop a half-written last line, so new records start on their own
+        jsonl.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     done = {run_key(r) for r in records}
     jobs = plan(policies, scenarios, specs, repeats=repeats, max_new_tokens=max_new_tokens,
                 done=done)  # fmt: skip
@@ -422,8 +424,6 @@ def _margin_checker(target: str, rs: list[dict[str, Any]]) -> Any:
     if not any(r["policy"] in SPECULATIVE and (r["workload"], r["prompt_index"]) in ref
                and r["tokens"] != ref[(r["workload"], r["prompt_index"])] for r in rs):  # fmt: skip
         return None
-    import numpy as np
-
     from pipesd.llama_backend import LlamaCppModel
 
     try:
@@ -436,16 +436,24 @@ def _margin_checker(target: str, rs: list[dict[str, Any]]) -> Any:
         key = (r["workload"], r["prompt_index"])
         if key not in prompts:
             prompts[key] = model.tokenize(r["prompt"])
-        context = prompts[key] + want[:pos]
-        model.truncate(0)
-        if len(context) > 1:
-            model.decode(context[:-1], all_logits=False)
-        row = model.decode([context[-1]], all_logits=True)[-1]
-        top = np.partition(row, -2)[-2:]
-        model.truncate(0)
-        return float(abs(top[1] - top[0]))
+        return top2_margin(model, prompts[key] + want[:pos])
 
     return margin
+
+
+def top2_margin(model: Any, context: list[int]) -> float:
+    """The model's top-1 minus top-2 logit for the token after ``context``, computed the way
+    target-only decoding computes it (the last token alone in its batch). ``model``: anything
+    with ``truncate`` and ``decode`` (a llama.cpp model or a torch target)."""
+    import numpy as np
+
+    model.truncate(0)
+    if len(context) > 1:
+        model.decode(context[:-1], all_logits=False)
+    row = model.decode([context[-1]], all_logits=True)[-1]
+    top = np.partition(row, -2)[-2:]
+    model.truncate(0)
+    return float(abs(top[1] - top[0]))
 
 
 def energy(edge_cpu_s: float, wall_s: float, speed: float, profile: str) -> float:

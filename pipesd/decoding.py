@@ -167,6 +167,10 @@ class VerifyLink(Protocol):
     def take_rtts(self) -> list[float]:
         """Round trips (seconds) measured since the last call."""
 
+    @property
+    def max_inflight(self) -> int:
+        """How many verify requests may be outstanding at once (1: one at a time)."""
+
 
 class LocalLink:
     """A target in this process: a window is verified the moment it is sent."""
@@ -214,6 +218,10 @@ class LocalLink:
     def take_rtts(self) -> list[float]:
         return []
 
+    @property
+    def max_inflight(self) -> int:
+        return 1
+
 
 class SpecDecoder:
     """Speculative decoding: a drafter on this side, the target behind a VerifyLink."""
@@ -255,6 +263,7 @@ class SpecDecoder:
         self._wait_fired = False  # the trigger fired on a draft made during the wait
         self.trace = trace
         self._wait_made = 0  # drafts made while the last verdict was pending
+        self._inflight = 0  # target-only: requests for the next tokens not yet answered
 
     def stream(
         self, prompt: Sequence[int], *, max_new_tokens: int, stats: GenerationStats
@@ -274,7 +283,7 @@ class SpecDecoder:
         t0 = time.perf_counter()
         ledger = SpeculationLedger(self.n_ctx)
         ledger.begin(list(prompt))
-        self._dists, self._last = [], None
+        self._dists, self._last, self._inflight = [], None, 0
         traffic0 = self.link.traffic() if self.link is not None else (0, 0)
         if self.link is not None:
             stats.prefill_s = self._start(ledger, list(prompt), stats)
@@ -338,6 +347,7 @@ class SpecDecoder:
         assert self.link is not None
         stats.wasted_drafts += ledger.discard_drafts()
         self._dists, self._last, self._wait_fired = [], None, False
+        self._inflight = 0
         if self.policy is not None:
             self.policy.on_rollback()
         if self.drafter is not None:
@@ -396,6 +406,9 @@ class SpecDecoder:
             self._dists = []
             return
         assert self.link is not None
+        if self.policy_name == "target-only" and self.link.max_inflight > 1:
+            self._target_only_step(ledger, stats, budget=budget)
+            return
         self.link.probe()  # between windows the cloud answers at once
         # k drafts yield up to k + 1 tokens: never draft past the budget or the context.
         room = max(0, min(budget - 1, self.n_ctx - ledger.committed_len - 1))
@@ -451,6 +464,42 @@ class SpecDecoder:
             for rtt in self.link.take_rtts():
                 self.policy.on_rtt(rtt)
             self.policy.on_window_timing(verdict, last_batch, t_verdict - t_send)
+
+    def _target_only_step(
+        self, ledger: SpeculationLedger, stats: GenerationStats, *, budget: int
+    ) -> None:
+        """Target-only over a network: the cloud decodes autoregressively and streams tokens.
+
+        Requests for the next tokens (empty windows at successive positions) are kept
+        outstanding, up to ``link.max_inflight`` and never past the budget or the context, so
+        the cloud starts each token as soon as it has the last one instead of waiting a round
+        trip for the edge to ask. One token is committed per call. Answers to requests still
+        outstanding when the sequence ends belong to its epoch, which the link drops later.
+        """
+        assert self.link is not None
+        room = min(budget, self.n_ctx - ledger.committed_len)
+        t0 = time.perf_counter()
+        while self._inflight < min(self.link.max_inflight, room):
+            start = ledger.committed_len + self._inflight
+            self.link.send(ledger.epoch, start, [], None, verify=True)
+            self._inflight += 1
+            if self.trace is not None:
+                self.trace.append(("verify", time.perf_counter(), 0))
+        verdict = self.link.wait(None)
+        stats.wait_s += time.perf_counter() - t0
+        if verdict is None:  # pragma: no cover - wait(None) raises instead
+            raise LinkLostError("no answer from the cloud")
+        self._inflight -= 1
+        if self.trace is not None:
+            self.trace.append(("verdict", time.perf_counter(), verdict.verify_s))
+        ledger.submit(0)
+        decision = ledger.apply_verdict(verdict.epoch, verdict.accepted, verdict.next_token)
+        if decision.stale or verdict.start != ledger.committed_len - 1:
+            raise ProtocolError(
+                f"the cloud answered position {verdict.start} of epoch {verdict.epoch}, but "
+                f"the edge expected position {ledger.committed_len - 1} of epoch {ledger.epoch}"
+            )
+        stats.verify_s += verdict.verify_s
 
     def _await_verdict(self, ledger: SpeculationLedger, stats: GenerationStats) -> Verdict:
         """Waits for the verdict; drafts and streams more meanwhile if the policy says so."""

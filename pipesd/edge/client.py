@@ -58,6 +58,8 @@ class CloudLink:
         connect_timeout: seconds for one connection attempt and its HELLO exchange.
         reconnect_timeout: how long a lost connection is retried before giving up.
         reply_timeout: a verdict later than this counts as a lost connection.
+        pipeline_depth: target-only requests kept outstanding (the cloud then decodes token
+            after token without waiting a round trip for the next request).
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class CloudLink:
         connect_timeout: float = 10.0,
         reconnect_timeout: float = 30.0,
         reply_timeout: float = 300.0,
+        pipeline_depth: int = 4,
     ) -> None:
         self.address = address
         self.host, self.port = parse_hostport(address, what="--cloud")
@@ -79,6 +82,9 @@ class CloudLink:
         self.connect_timeout = connect_timeout
         self.reconnect_timeout = reconnect_timeout
         self.reply_timeout = reply_timeout
+        if pipeline_depth < 1:
+            raise ValueError(f"pipeline_depth must be >= 1, got {pipeline_depth}")
+        self.pipeline_depth = pipeline_depth
         self.ep: FrameEndpoint | None = None
         self.session = 0
         self.model_fingerprint = ""
@@ -92,7 +98,12 @@ class CloudLink:
         # sequence is shifted past the highest epoch already used.
         self._epoch_base = 0
         self._wire_epoch = 0
+        self._seq_wire = 0  # the current sequence's first wire epoch
         self.connect()
+
+    @property
+    def max_inflight(self) -> int:
+        return self.pipeline_depth
 
     # ------------------------------------------------------------------ connection
     def connect(self) -> None:
@@ -203,7 +214,8 @@ class CloudLink:
             seed=-1 if params.seed is None else params.seed,
             tokens=[int(t) for t in prompt],
         )
-        self._send(Frame(FrameType.PREFILL, self.session, self._to_wire(epoch),
+        self._seq_wire = self._to_wire(epoch)
+        self._send(Frame(FrameType.PREFILL, self.session, self._seq_wire,
                          encode_prefill(msg)))  # fmt: skip
         return 0.0
 
@@ -234,6 +246,10 @@ class CloudLink:
                 self._drop()
                 raise LinkLostError(f"no verdict from {self.address} within {limit:g} s")
             if frame.type == FrameType.VERDICT:
+                if frame.epoch < self._seq_wire:
+                    # An answer to a request of an earlier sequence that was still outstanding
+                    # when it ended (target-only keeps requests ahead): not for this one.
+                    continue
                 v = decode_verdict(frame.payload)
                 return Verdict(
                     epoch=frame.epoch - self._epoch_base,

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipesd import models
+from pipesd import bench, models
 from pipesd.cloud.weights import read_gguf
 
 F32 = 0  # ggml type id of float32 tensors
@@ -83,13 +83,7 @@ TIE_MARGIN = {"torch": 0.02, "llama.cpp": 1.5}
 
 def top2_margin(target, context: list[int]) -> float:
     """The target's top-1 minus top-2 logit for the token after ``context`` (one-token step)."""
-    target.truncate(0)
-    if len(context) > 1:
-        target.decode(context[:-1], all_logits=False)
-    row = target.decode([context[-1]], all_logits=True)[-1]
-    top = np.partition(row, -2)[-2:]
-    target.truncate(0)
-    return float(abs(top[1] - top[0]))
+    return bench.top2_margin(target, context)
 
 
 def check_lossless(gen, prompt: list[int], n_new: int, backend: str, *, max_restarts: int = 3,

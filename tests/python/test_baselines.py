@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 from cloudproc import CloudProcess
+from conftest import TIE_MARGIN, top2_margin
 
 from pipesd import Generator
 from pipesd.cloud.verifier import Verdict
 from pipesd.edge.drafter import DraftToken
 from pipesd.link import Link
+from pipesd.llama_backend import LlamaCppModel
 from pipesd.policies import make_policy
 from pipesd.policies.baselines import EdgeLLMPolicy, HSLPolicy, PicoSpecPolicy, SpecPPPolicy
 
@@ -24,6 +26,21 @@ def tok(confidence: float) -> DraftToken:
 def verdict(drafted: int, accepted: int) -> Verdict:
     return Verdict(epoch=0, start=0, drafted=drafted, accepted=accepted, next_token=2,
                    verify_s=0.0)  # fmt: skip
+
+
+def assert_same_or_tie(target_path: Path, prompt: str, reference: list[int],
+                      tokens: list[int]) -> None:  # fmt: skip
+    """Greedy output equals target-only's, or first differs at a genuine near-tie of
+    llama.cpp's batch-shape-dependent arithmetic (conftest.TIE_MARGIN); anything else fails."""
+    first = next((i for i, (a, b) in enumerate(zip(reference, tokens, strict=False)) if a != b),
+                 None)  # fmt: skip
+    if first is None:
+        assert tokens == reference
+        return
+    target = LlamaCppModel(target_path, n_ctx=1024)
+    margin = top2_margin(target, target.tokenize(prompt) + reference[:first])
+    target.close()
+    assert margin <= TIE_MARGIN["llama.cpp"], f"divergence at {first}, margin {margin}"
 
 
 def fires_at(policy, confidences: list[float]) -> int | None:  # type: ignore[no-untyped-def]
@@ -75,7 +92,7 @@ def test_edgellm_threshold_halves_after_full_acceptance_and_rises_after_rejectio
     assert p.cumulative == 1.0
 
 
-def test_edgellm_learns_from_rejections_in_a_real_run(smollm_path: Path, wild_draft: Path) -> None:
+def test_edgellm_learns_from_rejections_in_a_real_run(smollm_path: Path, mild_draft: Path) -> None:
     """The decoder reports a rejecting verdict before the rollback, so the threshold rises."""
 
     class Recording(EdgeLLMPolicy):
@@ -86,14 +103,14 @@ def test_edgellm_learns_from_rejections_in_a_real_run(smollm_path: Path, wild_dr
             super().adapt(c, n, n_acc)
             self.moves.append(self.threshold - before)
 
-    with Generator(draft=str(wild_draft), target=str(smollm_path), n_ctx=1024) as gen:
-        ref = gen.generate("def quicksort(arr):\n", max_new_tokens=48, policy="target-only")
+    with Generator(draft=str(mild_draft), target=str(smollm_path), n_ctx=1024) as gen:
+        ref = gen.generate("def quicksort(arr):\n", max_new_tokens=96, policy="target-only")
         policy = Recording()
-        res = gen.generate("def quicksort(arr):\n", max_new_tokens=48, policy=policy)
+        res = gen.generate("def quicksort(arr):\n", max_new_tokens=96, policy=policy)
     assert res.stats.rollbacks > 0
     assert any(m > 0 for m in policy.moves), "no rejection raised the threshold"
     assert any(m < 0 for m in policy.moves), "no full acceptance lowered it"
-    assert res.tokens == ref.tokens
+    assert_same_or_tie(smollm_path, "def quicksort(arr):\n", ref.tokens, res.tokens)
 
 
 # -------------------------------------------------------------------------- PicoSpec
@@ -122,7 +139,7 @@ def test_picospec_keeps_wait_drafts_only_after_a_full_accept(smollm_path: Path,
     st = res.stats
     assert st.wait_drafted > 0 and 0 < st.wait_kept < st.wait_drafted
     assert st.rollbacks > 0  # rejected rounds threw their parallel drafts away
-    assert res.tokens == reference
+    assert_same_or_tie(smollm_path, prompt, reference, res.tokens)
 
 
 # ---------------------------------------------------------------------------- SpecPP
@@ -161,4 +178,4 @@ def test_baselines_are_lossless_locally(name: str, smollm_path: Path, mild_draft
         ref = gen.generate("def fizzbuzz(n):\n", max_new_tokens=48, policy="target-only")
         res = gen.generate("def fizzbuzz(n):\n", max_new_tokens=48, policy=name)
     assert res.stats.verifications > 0 and res.stats.policy == name
-    assert res.tokens == ref.tokens
+    assert_same_or_tie(smollm_path, "def fizzbuzz(n):\n", ref.tokens, res.tokens)
