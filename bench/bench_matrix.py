@@ -75,6 +75,7 @@ def main() -> None:
         "[energy per token](figures/energy_per_token.png), "
         "[timeline of rounds, pipesd vs vanilla](figures/timeline.png).",
         "",
+        "",
     ]
     write_block("matrix", "## Benchmark matrix (pipesd bench)", "\n".join(head) + md)
 
