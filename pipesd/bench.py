@@ -385,9 +385,11 @@ def report(records: list[dict[str, Any]], out: Path, *, policies: list[str],
            scenarios: list[str], specs: list[str], max_new_tokens: int, target: str,
            plots: bool = True) -> dict[str, Any]:  # fmt: skip
     """Writes results.json, results.md and the plots from the records asked for."""
-    names = {workloads.label(s) for s in specs}
+    sizes = {workloads.label(s): len(workloads.load(s, split="report")) for s in specs}
+    names = set(sizes)
     rs = [r for r in records if r["policy"] in policies and r["scenario"] in scenarios
-          and r["workload"] in names and r["max_new_tokens"] == max_new_tokens]  # fmt: skip
+          and r["workload"] in names and r["prompt_index"] < sizes[r["workload"]]
+          and r["max_new_tokens"] == max_new_tokens]  # fmt: skip
     compare(rs, _margin_checker(target, rs))
     summary: dict[str, Any] = {}
     for w in sorted(names):

@@ -167,3 +167,14 @@ def test_every_metric_is_documented() -> None:
     doc = (Path(__file__).resolve().parents[2] / "docs" / "bench.md").read_text()
     for name in bench.METRICS:
         assert f"| `{name}` |" in doc, name
+
+
+def test_report_only_covers_the_prompts_asked(bench_run: tuple[list[str], Path]) -> None:
+    args, out = bench_run
+    narrowed = list(args)
+    i = narrowed.index("--workload")
+    narrowed[i + 1] = narrowed[i + 1].rsplit(":", 1)[0] + ":1"
+    proc = run_bench([*narrowed, "--report-only", "--no-plots"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert len(runs) == 8 * 3 and {r["prompt_index"] for r in runs} == {0}
