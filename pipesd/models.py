@@ -101,8 +101,9 @@ def is_fetched(spec: ModelSpec) -> bool:
 def resolve(name_or_path: str | os.PathLike[str], *, fetch_missing: bool = True) -> Path:
     """Turns a model name or a path into a local path, fetching a named model when missing.
 
-    A path is accepted when it names an existing GGUF file or a Hugging Face directory with a
-    ``config.json``. Raises ModelError with one clear line otherwise.
+    A converted name (``qwen2.5-coder-1.5b-f16``, see :mod:`pipesd.convert`) gives its file in
+    the cache. A path is accepted when it names an existing GGUF file or a Hugging Face directory
+    with a ``config.json``. Raises ModelError with one clear line otherwise.
     """
     text = os.fspath(name_or_path)
     spec = REGISTRY.get(text)
@@ -120,6 +121,11 @@ def resolve(name_or_path: str | os.PathLike[str], *, fetch_missing: bool = True)
                 f"model {spec.name!r} is not fetched; run `pipesd models fetch {spec.name}`"
             )
         return fetch(spec.name)
+    from pipesd import convert  # converted names (`pipesd models convert`); imports this module
+
+    converted = convert.lookup(text)
+    if converted is not None:
+        return converted
     path = Path(text).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
