@@ -56,7 +56,8 @@ void bind_transport(py::module_& m) {
       .value("BYE", FrameType::kBye)
       .value("ERROR", FrameType::kError)
       .value("PING", FrameType::kPing)
-      .value("PONG", FrameType::kPong);
+      .value("PONG", FrameType::kPong)
+      .value("COSTS", FrameType::kCosts);
 
   py::enum_<ErrorCode>(m, "ErrorCode")
       .value("BAD_FRAME", ErrorCode::kBadFrame)
@@ -118,13 +119,19 @@ void bind_transport(py::module_& m) {
       .def_readwrite("max_version", &Hello::max_version);
 
   py::class_<HelloOk>(m, "HelloOk")
-      .def(py::init([](uint64_t session, std::string fingerprint, uint32_t max_ctx) {
-             return HelloOk{session, std::move(fingerprint), max_ctx};
+      .def(py::init([](uint64_t session, std::string fingerprint, uint32_t max_ctx,
+                       std::vector<float> verify_ms) {
+             return HelloOk{session, std::move(fingerprint), max_ctx,
+                            CostTable{std::move(verify_ms)}};
            }),
-           py::arg("session") = 0, py::arg("model_fingerprint") = "", py::arg("max_ctx") = 0)
+           py::arg("session") = 0, py::arg("model_fingerprint") = "", py::arg("max_ctx") = 0,
+           py::arg("verify_ms") = std::vector<float>{})
       .def_readwrite("session", &HelloOk::session)
       .def_readwrite("model_fingerprint", &HelloOk::model_fingerprint)
-      .def_readwrite("max_ctx", &HelloOk::max_ctx);
+      .def_readwrite("max_ctx", &HelloOk::max_ctx)
+      .def_property(
+          "verify_ms", [](const HelloOk& h) { return h.costs.verify_ms; },
+          [](HelloOk& h, std::vector<float> v) { h.costs.verify_ms = std::move(v); });
 
   py::class_<Prefill>(m, "Prefill")
       .def(py::init([](std::vector<int32_t> tokens, float temperature, int32_t top_k, float top_p,
@@ -193,6 +200,13 @@ void bind_transport(py::module_& m) {
         py::arg("verify"));
   m.def("encode_verdict", [](const Verdict& x) { return ToBytes(EncodeVerdict(x)); });
   m.def("decode_verdict", [](const py::bytes& b) { return DecodeVerdict(ToVector(b)); });
+  m.def(
+      "encode_costs",
+      [](std::vector<float> verify_ms) {
+        return ToBytes(EncodeCosts(CostTable{std::move(verify_ms)}));
+      },
+      py::arg("verify_ms"));
+  m.def("decode_costs", [](const py::bytes& b) { return DecodeCosts(ToVector(b)).verify_ms; });
   m.def("encode_error", [](const Error& x) { return ToBytes(EncodeError(x)); });
   m.def("decode_error", [](const py::bytes& b) { return DecodeError(ToVector(b)); });
 

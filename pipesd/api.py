@@ -36,6 +36,7 @@ from pipesd.errors import ModelError, TokenizerMismatchError
 from pipesd.llama_backend import LlamaCppModel, tokenizer_fingerprint
 from pipesd.policies import POLICIES, make_policy
 from pipesd.policies.base import DraftPolicy
+from pipesd.policies.calibration import AcceptanceModel, resolve_acceptance
 from pipesd.policies.pipesd import PipeSDPolicy, Thresholds, resolve_thresholds
 from pipesd.sampling import SamplingParams
 
@@ -123,8 +124,9 @@ class Generator:
         reconnect_timeout: seconds a lost cloud connection is retried before an error.
         target_backend: ``auto`` (torch on CUDA, llama.cpp on CPU), ``torch`` or ``llama.cpp``.
         device: ``cpu`` or ``cuda[:N]`` for the torch backend.
-        policy: ``pipesd`` (default), one of its ablations, ``vanilla``, ``target-only`` or
-            ``draft-only`` (``pipesd.policies.POLICIES``).
+        policy: ``auto`` (default: cost-aware speculation, docs/policies.md), ``pipesd`` and
+            its ablations, the baselines, ``target-only`` or ``draft-only``
+            (``pipesd.policies.POLICIES``).
         draft_len: drafts per verification for ``vanilla`` and ``pipesd-fixed-trigger``.
         thresholds: the PipeSD trigger's (R1, R2): a ``Thresholds``, a file written by
             ``pipesd tune``, or None for ``$PIPESD_HOME/thresholds.json`` if it exists, else
@@ -133,6 +135,13 @@ class Generator:
             this fraction over what it was (``pipesd.tune.OnlineRetuner``); None: never.
         n_ctx: context size (prompt plus new tokens) of both models.
         draft_threads, target_threads: CPU threads for each model.
+        calibrate: measure the local target's cost of a pass of 1..32 tokens when it loads
+            (once per model file and settings: the table is cached in
+            ``$PIPESD_HOME/costs``); ``auto`` chooses its windows from it. Without it the
+            costs are learnt from the passes run.
+        acceptance: the draft/target pair's acceptance calibration that ``auto`` starts from:
+            an ``AcceptanceModel``, a file written by ``pipesd tune``, or None for
+            ``$PIPESD_HOME/acceptance.json`` if present.
     """
 
     def __init__(
@@ -142,7 +151,7 @@ class Generator:
         target: str = models.DEFAULT_TARGET,
         target_backend: str = "auto",
         device: str = "cpu",
-        policy: str = "pipesd",
+        policy: str = "auto",
         draft_len: int = 6,
         thresholds: Thresholds | str | Path | None = None,
         retune_drift: float | None = None,
@@ -152,12 +161,15 @@ class Generator:
         cloud: str | None = None,
         auth_token: str = "",
         reconnect_timeout: float = 30.0,
+        calibrate: bool = True,
+        acceptance: AcceptanceModel | str | Path | None = None,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; known: {', '.join(POLICIES)}")
         self.policy_name = policy
         self.draft_len = draft_len
         self.thresholds = resolve_thresholds(thresholds)
+        self.acceptance = resolve_acceptance(acceptance)
         self.retuner: OnlineRetuner | None = None
         if retune_drift is not None:
             from pipesd.tune import OnlineRetuner
@@ -192,6 +204,23 @@ class Generator:
             else None
         )
         self.n_ctx = n_ctx
+        self.pass_costs: list[float] = []
+        self.draft_costs = (0.0, 0.0)
+        if needs_draft and calibrate:
+            from pipesd.costs import cached_draft_costs
+
+            self.draft_costs = cached_draft_costs(
+                self.draft_model, self.draft_model.vocab_size, path=draft_path,
+                threads=draft_threads,
+            )  # fmt: skip
+        if self.target is not None and calibrate:
+            from pipesd.costs import cached_calibration
+
+            assert target_path is not None
+            self.pass_costs = cached_calibration(
+                self.target, self.target.vocab_size, path=target_path, backend=chosen,
+                device=device, threads=target_threads,
+            )  # fmt: skip
         self.cloud: CloudLink | None = None
         if cloud is not None:
             from pipesd.edge.client import CloudLink
@@ -258,7 +287,8 @@ class Generator:
         else:
             name = policy or self.policy_name
             th = self.retuner.current if self.retuner is not None else self.thresholds
-            rule = make_policy(name, draft_len=draft_len or self.draft_len, thresholds=th)
+            rule = make_policy(name, draft_len=draft_len or self.draft_len, thresholds=th,
+                               acceptance=self.acceptance)  # fmt: skip
             if isinstance(rule, PipeSDPolicy) and self.retuner is not None:
                 rule.retuner = self.retuner
         if name != "target-only" and not self.drafting:
@@ -268,10 +298,14 @@ class Generator:
             if self.cloud is not None:
                 link = cast(VerifyLink, self.cloud)
             elif self.target is not None:
-                link = LocalLink(self.target)
+                link = LocalLink(self.target, self.pass_costs)
         decoder = SpecDecoder(
             tokenizer=self.draft_model,
-            drafter=Drafter(self.draft_model, params) if name != "target-only" else None,
+            drafter=(
+                Drafter(self.draft_model, params, self.draft_costs)
+                if name != "target-only"
+                else None
+            ),
             link=link,
             params=params,
             policy_name=name,

@@ -40,7 +40,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--target-backend", choices=BACKENDS, default="auto",
                    help="auto: torch on CUDA, llama.cpp on CPU (default auto)")  # fmt: skip
     p.add_argument("--device", default="cpu", help="torch target device: cpu or cuda[:N]")
-    p.add_argument("--policy", choices=list(POLICIES), default="pipesd",
+    p.add_argument("--policy", choices=list(POLICIES), default="auto",
                    help="; ".join(f"{k}: {v}" for k, v in POLICIES.items()))  # fmt: skip
     p.add_argument("--draft-len", type=int, default=6,
                    help="drafts per verification (vanilla, pipesd-fixed-trigger)")  # fmt: skip
@@ -79,6 +79,10 @@ def _add_cloud(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="file holding the shared secret every client must present; "
                    "required when listening off loopback")  # fmt: skip
     p.add_argument("--max-sessions", type=int, default=8, help="sessions served at once")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="skip measuring the verification cost of passes of 1..32 tokens at "
+                   "start (it is cached per model file; edges then learn the costs only from "
+                   "the passes served)")  # fmt: skip
     p.add_argument("--ctx", type=int, default=4096, help="context size per session")
     p.add_argument("--target-threads", type=int, default=1)
     p.add_argument("-v", "--verbose", action="store_true", help="log every session event")
@@ -228,7 +232,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("models", help="list or fetch the registry's models")
+    p = sub.add_parser("models", help="list, fetch or convert the registry's models")
     msub = p.add_subparsers(dest="models_cmd", required=True)
     msub.add_parser("list", help="the registry and what is in the cache")
     f = msub.add_parser("fetch", help="download, assemble and verify models")
@@ -237,6 +241,18 @@ def _add_models(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     f.add_argument("--force", action="store_true", help="fetch again even if cached")
     f.add_argument("--verify", action="store_true",
                    help="recompute the SHA-256 of cached models too")  # fmt: skip
+    c = msub.add_parser(
+        "convert",
+        help="re-quantise a model into the cache (f16, q8_0, q4_0)",
+        description="Re-quantise NAME (a registry name, a converted name or a GGUF path) with "
+        "llama.cpp's quantiser into $PIPESD_HOME/models as NAME-FORMAT.gguf, with its SHA-256 "
+        "in NAME-FORMAT.gguf.json; NAME-FORMAT (e.g. qwen2.5-coder-1.5b-f16) then works "
+        "wherever a model name does. 1-D tensors (norms, biases) stay F32.",
+    )
+    c.add_argument("name", metavar="NAME", help="registry name, converted name or GGUF path")
+    c.add_argument("--to", required=True, metavar="FORMAT", help="f16, q8_0 or q4_0")
+    c.add_argument("--force", action="store_true", help="convert again even if converted")
+    c.add_argument("--threads", type=int, default=2, help="quantiser threads (default 2)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,6 +271,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    if args.models_cmd == "convert":
+        from pipesd import convert
+
+        res = convert.convert(args.name, args.to, force=args.force, threads=args.threads,
+                              verbose=args.debug)  # fmt: skip
+        m = res.model
+        if res.existed:
+            print(f"{m.name}: {m.path} (already converted; --force converts again)")
+        else:
+            print(f"{m.name}: {m.path} ({m.size / 2**20:.0f} MiB, {m.format}, from {m.source}, "
+                  f"{res.seconds:.1f} s; sha256 {m.sha256})")  # fmt: skip
+        return 0
     if args.models_cmd == "list":
         from rich.console import Console
         from rich.table import Table
@@ -269,6 +297,16 @@ def cmd_models(args: argparse.Namespace) -> int:
                 f"{spec.size / 2**20:.0f} MiB",
                 "yes" if models.is_fetched(spec) else "no",
                 spec.description,
+            )
+        from pipesd import convert
+
+        for conv in convert.converted_models():
+            table.add_row(
+                conv.name,
+                "converted",
+                f"{conv.size / 2**20:.0f} MiB",
+                "yes" if conv.complete else "incomplete",
+                f"{conv.source} re-quantised to {conv.format} (`models convert`)",
             )
         Console().print(table)
         return 0
@@ -364,6 +402,7 @@ def cmd_cloud(args: argparse.Namespace) -> int:
         listen=args.listen,
         auth_token=token,
         max_sessions=args.max_sessions,
+        calibrate=not args.no_calibrate,
     )
     return serve_forever(server)
 

@@ -23,6 +23,9 @@ from pipesd.llama_backend import LlamaCppModel
 from pipesd.policies.base import DraftPolicy
 from pipesd.sampling import SamplingParams, SparseDist
 
+#: Prompt tokens the drafter evaluates between two looks for the cloud's first token.
+PREFILL_CHUNK = 32
+
 
 @dataclass(frozen=True)
 class TokenEvent:
@@ -60,6 +63,8 @@ class GenerationStats:
     batches: int = 0  # frames of drafts streamed before their window's verify request
     trigger_s: float = 0.0  # deciding when to verify (the policy's trigger)
     plan_s: float = 0.0  # planning batches (the DP solver and its monitor)
+    alone_tokens: int = 0  # tokens the target decoded alone because the policy chose so
+    shadow_s: float = 0.0  # the drafter guessing the tokens the target decoded alone
     reconnects: int = 0  # connections to the cloud re-established mid-generation
     bytes_up: int = 0  # bytes sent to the cloud (frames, headers included)
     bytes_down: int = 0  # bytes received from the cloud
@@ -104,6 +109,8 @@ class GenerationStats:
                 f"{self.verifications} verifications, "
                 f"mean accepted {self.mean_accepted:.2f}, rollbacks {self.rollbacks}"
             )
+        if self.alone_tokens:
+            line += f", {self.alone_tokens} tokens by the target alone"
         if self.reconnects:
             line += f", reconnects {self.reconnects}"
         return line
@@ -139,7 +146,10 @@ class VerifyLink(Protocol):
         """The longest sequence the target accepts."""
 
     def start(self, prompt: Sequence[int], params: SamplingParams, epoch: int) -> float:
-        """Starts a sequence (prefill); returns the seconds it took where known, else 0."""
+        """Starts a sequence (prefill); returns the seconds it took where known, else 0.
+
+        The prefill also verifies an empty window after the prompt: its verdict, which
+        commits the first output token, comes through ``wait`` like any other."""
 
     def send(
         self,
@@ -171,14 +181,21 @@ class VerifyLink(Protocol):
     def max_inflight(self) -> int:
         """How many verify requests may be outstanding at once (1: one at a time)."""
 
+    def pass_costs(self) -> list[float]:
+        """The target's cost of one pass of 1, 2, ... tokens in seconds (empty: unknown)."""
+
 
 class LocalLink:
-    """A target in this process: a window is verified the moment it is sent."""
+    """A target in this process: a window is verified the moment it is sent.
 
-    def __init__(self, target: TargetBackend) -> None:
+    ``pass_costs``: the target's calibrated pass-cost table (``pipesd.costs``), if measured.
+    """
+
+    def __init__(self, target: TargetBackend, pass_costs: list[float] | None = None) -> None:
         self.target = target
         self.session: TargetSession | None = None
         self._verdict: Verdict | None = None
+        self._costs = list(pass_costs or [])
 
     @property
     def n_ctx(self) -> int:
@@ -186,8 +203,8 @@ class LocalLink:
 
     def start(self, prompt: Sequence[int], params: SamplingParams, epoch: int) -> float:
         self.session = TargetSession(self.target, params)
-        self._verdict = None
-        return self.session.prefill(prompt, epoch=epoch)
+        self._verdict = self.session.prefill(prompt, epoch=epoch)
+        return self._verdict.verify_s
 
     def send(
         self,
@@ -221,6 +238,9 @@ class LocalLink:
     @property
     def max_inflight(self) -> int:
         return 1
+
+    def pass_costs(self) -> list[float]:
+        return self._costs
 
 
 class SpecDecoder:
@@ -264,6 +284,10 @@ class SpecDecoder:
         self.trace = trace
         self._wait_made = 0  # drafts made while the last verdict was pending
         self._inflight = 0  # target-only: requests for the next tokens not yet answered
+        self._first_pending = False  # the prefill's verdict (the first token) is awaited
+        self._prefill_unanswered = False  # target-only streaming: the next verdict is its
+        self._alone_left = 0  # tokens the policy wants decoded by the target alone
+        self._guess: DraftToken | None = None  # the drafter's guess of the next alone token
 
     def stream(
         self, prompt: Sequence[int], *, max_new_tokens: int, stats: GenerationStats
@@ -284,14 +308,21 @@ class SpecDecoder:
         ledger = SpeculationLedger(self.n_ctx)
         ledger.begin(list(prompt))
         self._dists, self._last, self._inflight = [], None, 0
+        self._first_pending = False
         traffic0 = self.link.traffic() if self.link is not None else (0, 0)
-        if self.link is not None:
-            stats.prefill_s = self._start(ledger, list(prompt), stats)
         if self.drafter is not None:
             self.drafter.begin(ledger)
             self.drafter.draft_s = 0.0
+        if self.link is not None:
+            self._start(ledger, list(prompt), stats)
         if self.policy is not None:
+            if self.link is not None:
+                draft_s, draft_prefill_s = self.drafter.costs if self.drafter else (0.0, 0.0)
+                self.policy.bind(pass_costs=self.link.pass_costs,
+                                 overlap=self.link.max_inflight > 1, draft_s=draft_s,
+                                 draft_prefill_s=draft_prefill_s)  # fmt: skip
             self.policy.begin()
+        self._alone_left, self._guess = 0, None
         emitted = len(prompt)
         produced = 0
         try:
@@ -329,10 +360,29 @@ class SpecDecoder:
     def _start(self, ledger: SpeculationLedger, prompt: list[int], stats: GenerationStats) -> float:
         assert self.link is not None
         try:
-            return self.link.start(prompt, self.params, ledger.epoch)
+            seconds = self.link.start(prompt, self.params, ledger.epoch)
         except LinkLostError:
             self._recover(ledger, stats)
             return 0.0
+        self._prefill_in_flight()
+        return seconds
+
+    def _prefill_in_flight(self) -> None:
+        """A PREFILL was sent: its verdict (the next output token) is the one awaited next."""
+        assert self.link is not None
+        if self._streams_target():
+            self._inflight = 1  # one of the target-only requests kept outstanding
+            self._prefill_unanswered = True
+        else:
+            self._first_pending = True
+
+    def _streams_target(self) -> bool:
+        """Target-only through a link that keeps several requests outstanding."""
+        return (
+            self.policy_name == "target-only"
+            and self.link is not None
+            and self.link.max_inflight > 1
+        )
 
     def _round_or_recover(
         self, ledger: SpeculationLedger, stats: GenerationStats, *, budget: int
@@ -348,11 +398,14 @@ class SpecDecoder:
         stats.wasted_drafts += ledger.discard_drafts()
         self._dists, self._last, self._wait_fired = [], None, False
         self._inflight = 0
+        self._first_pending = False
+        self._guess = None
         if self.policy is not None:
             self.policy.on_rollback()
         if self.drafter is not None:
             self.drafter.sync(ledger)
         self.link.recover(ledger.committed(), ledger.epoch)
+        self._prefill_in_flight()
         stats.reconnects += 1
 
     def _draft_one(self, ledger: SpeculationLedger, stats: GenerationStats) -> DraftToken:
@@ -406,8 +459,24 @@ class SpecDecoder:
             self._dists = []
             return
         assert self.link is not None
-        if self.policy_name == "target-only" and self.link.max_inflight > 1:
+        if self._streams_target():
             self._target_only_step(ledger, stats, budget=budget)
+            return
+        if self._first_pending:
+            self._first_token(ledger, stats)
+            return
+        if (
+            self.policy is not None
+            and self._alone_left == 0
+            and self._inflight == 0
+            and ledger.pending_count == 0
+        ):
+            behind = 0
+            if self.drafter is not None:
+                behind = max(0, ledger.committed_len - 1 - self.drafter.model.kv_len)
+            self._alone_left = self.policy.decode_alone(budget=budget, behind=behind)
+        if self._alone_left > 0 or self._inflight > 0:
+            self._target_only_step(ledger, stats, budget=budget, alone=True)
             return
         self.link.probe()  # between windows the cloud answers at once
         # k drafts yield up to k + 1 tokens: never draft past the budget or the context.
@@ -426,9 +495,52 @@ class SpecDecoder:
                     stats.batches += 1
         count = min(ledger.pending_count, room)
         last_batch = count - min(ledger.sent_count, count)
+        if self.policy is not None:
+            self.policy.on_submit(count)
         t_send = time.perf_counter()
         self._send_unsent(ledger, count, verify=True)
-        verdict = self._await_verdict(ledger, stats)
+        self._close_window(ledger, stats, count=count, last_batch=last_batch, t_send=t_send)
+
+    def _first_token(self, ledger: SpeculationLedger, stats: GenerationStats) -> None:
+        """Awaits the prefill's verdict, the first output token. Through a network the drafter
+        evaluates the prompt meanwhile, a chunk at a time so that the token is emitted as soon
+        as it arrives (policies that draft during verification then guess ahead); locally the
+        verdict is already there, and the drafter catches up at its first draft."""
+        assert self.link is not None
+        self._first_pending = False
+        t_send = time.perf_counter()
+        ledger.submit(0)
+        verdict: Verdict | None = None
+        if self.drafter is not None and self.link.max_inflight > 1:
+            t0 = time.perf_counter()
+            more = True
+            while more:
+                verdict = self.link.wait(0.0)
+                if verdict is not None:
+                    break
+                more = self.drafter.prefill(ledger, max_tokens=PREFILL_CHUNK)
+            if self.trace is not None:
+                self.trace.append(("draft", t0, time.perf_counter()))
+        self._close_window(ledger, stats, count=0, last_batch=0, t_send=t_send, first=True,
+                           verdict=verdict)  # fmt: skip
+
+    def _close_window(
+        self,
+        ledger: SpeculationLedger,
+        stats: GenerationStats,
+        *,
+        count: int,
+        last_batch: int,
+        t_send: float,
+        first: bool = False,
+        verdict: Verdict | None = None,
+    ) -> None:
+        """Awaits the verdict of the window in flight (``count`` drafts; ``verdict`` if it has
+        come already) and applies it. ``first``: the prefill's verdict, which is no
+        verification the policy asked for."""
+        assert self.link is not None
+        if verdict is None:
+            verdict = self._await_verdict(ledger, stats)
         t_verdict = time.perf_counter()
         if self.trace is not None:
             self.trace.append(("verdict", t_verdict, verdict.verify_s))
@@ -451,40 +563,57 @@ class SpecDecoder:
             stats.wait_kept += max(0, min(self._wait_made, beyond - 1))
         if self.drafter is not None:
             self.drafter.apply(decision)
-        stats.verify_s += verdict.verify_s
-        if self.policy is not None:
-            stats.verifications += 1
-            stats.submitted += count
-            stats.accepted += verdict.accepted
-            stats.wasted_drafts += decision.discarded
-            stats.rollbacks += int(decision.rolled_back)
-            self.policy.on_verdict(verdict)  # first: it may learn from the rejected window
+        if first:
+            stats.prefill_s = verdict.verify_s
+        else:
+            stats.verify_s += verdict.verify_s
+        if self.policy is None:
+            return
+        stats.wasted_drafts += decision.discarded
+        if first:
             if decision.rolled_back:
                 self.policy.on_rollback()
-            for rtt in self.link.take_rtts():
-                self.policy.on_rtt(rtt)
-            self.policy.on_window_timing(verdict, last_batch, t_verdict - t_send)
+            return
+        stats.verifications += 1
+        stats.submitted += count
+        stats.accepted += verdict.accepted
+        stats.rollbacks += int(decision.rolled_back)
+        self.policy.on_verdict(verdict)  # first: it may learn from the rejected window
+        if decision.rolled_back:
+            self.policy.on_rollback()
+        for rtt in self.link.take_rtts():
+            self.policy.on_rtt(rtt)
+        self.policy.on_window_timing(verdict, last_batch, t_verdict - t_send)
 
     def _target_only_step(
-        self, ledger: SpeculationLedger, stats: GenerationStats, *, budget: int
-    ) -> None:
-        """Target-only over a network: the cloud decodes autoregressively and streams tokens.
+        self, ledger: SpeculationLedger, stats: GenerationStats, *, budget: int,
+        alone: bool = False,
+    ) -> None:  # fmt: skip
+        """The target decodes one token by itself: target-only, or a policy's block alone.
 
         Requests for the next tokens (empty windows at successive positions) are kept
-        outstanding, up to ``link.max_inflight`` and never past the budget or the context, so
-        the cloud starts each token as soon as it has the last one instead of waiting a round
+        outstanding, up to ``link.max_inflight`` and never past the budget or the context
+        (nor, for a policy's block, past the tokens it asked for), so through a network the
+        cloud starts each token as soon as it has the last one instead of waiting a round
         trip for the edge to ask. One token is committed per call. Answers to requests still
         outstanding when the sequence ends belong to its epoch, which the link drops later.
         """
         assert self.link is not None
         room = min(budget, self.n_ctx - ledger.committed_len)
         t0 = time.perf_counter()
-        while self._inflight < min(self.link.max_inflight, room):
+        while self._inflight < min(self.link.max_inflight, room) and (
+            not alone or self._alone_left > 0
+        ):
             start = ledger.committed_len + self._inflight
             self.link.send(ledger.epoch, start, [], None, verify=True)
             self._inflight += 1
+            if alone:
+                self._alone_left -= 1
             if self.trace is not None:
                 self.trace.append(("verify", time.perf_counter(), 0))
+        if self._inflight == 0:  # the budget is spent: nothing left to ask for
+            self._alone_left = 0
+            return
         verdict = self.link.wait(None)
         stats.wait_s += time.perf_counter() - t0
         if verdict is None:  # pragma: no cover - wait(None) raises instead
@@ -499,7 +628,36 @@ class SpecDecoder:
                 f"the cloud answered position {verdict.start} of epoch {verdict.epoch}, but "
                 f"the edge expected position {ledger.committed_len - 1} of epoch {ledger.epoch}"
             )
-        stats.verify_s += verdict.verify_s
+        if self._prefill_unanswered:
+            self._prefill_unanswered = False
+            stats.prefill_s = verdict.verify_s
+        else:
+            stats.verify_s += verdict.verify_s
+        if alone:
+            stats.alone_tokens += 1
+            if self.policy is not None:
+                self.policy.on_pass(1, verdict.verify_s)
+                self._shadow(ledger, verdict.next_token, stats)
+
+    def _shadow(self, ledger: SpeculationLedger, token: int, stats: GenerationStats) -> None:
+        """While the target decodes alone through a network, the idle edge keeps its drafter
+        in step and tells the policy whether it would have guessed each token (greedy only,
+        and only while a guess takes less than the cloud's step, so it never slows the
+        stream). Locally that work would not be free: the drafter catches up when drafting
+        resumes."""
+        assert self.link is not None and self.policy is not None
+        guess, self._guess = self._guess, None
+        if guess is not None:
+            self.policy.on_shadow(guess.confidence, guess.token == token)
+        if self.drafter is None or not self.params.greedy or self.link.max_inflight <= 1:
+            return
+        if self._alone_left == 0 and self._inflight == 0:
+            return  # the block ends here: the next draft catches up anyway
+        if not self.policy.wants_shadow():
+            return
+        t0 = time.perf_counter()
+        self._guess = self.drafter.guess(ledger)
+        stats.shadow_s += time.perf_counter() - t0
 
     def _await_verdict(self, ledger: SpeculationLedger, stats: GenerationStats) -> Verdict:
         """Waits for the verdict; drafts and streams more meanwhile if the policy says so."""

@@ -171,6 +171,30 @@ void CheckDraft(const Draft& m) {
   for (size_t i = 0; i < m.dists.size(); ++i) CheckDist(m.dists[i], i);
 }
 
+void CheckCosts(const CostTable& m, const char* what) {
+  for (size_t i = 0; i < m.verify_ms.size(); ++i) {
+    const float v = m.verify_ms[i];
+    PIPESD_CHECK(std::isfinite(v) && v >= 0.0f, ProtocolError,
+                 what << " cost of a pass of " << i + 1 << " tokens is " << v
+                      << " ms, expected finite and >= 0");
+  }
+}
+
+void WriteCosts(Writer& w, const CostTable& m, const char* what) {
+  CheckCosts(m, what);
+  w.Count(m.verify_ms.size(), what);
+  for (float v : m.verify_ms) w.F32(v);
+}
+
+CostTable ReadCosts(Reader& r, const char* what) {
+  CostTable m;
+  const uint32_t n = r.Count(4, "verify_ms");
+  m.verify_ms.resize(n);
+  for (uint32_t i = 0; i < n; ++i) m.verify_ms[i] = r.F32("verify_ms");
+  CheckCosts(m, what);
+  return m;
+}
+
 void CheckVerdict(const Verdict& m) {
   PIPESD_CHECK(m.accepted <= m.drafted, ProtocolError,
                "VERDICT accepts " << m.accepted << " of " << m.drafted << " drafts");
@@ -203,6 +227,8 @@ const char* FrameTypeName(FrameType type) {
       return "PING";
     case FrameType::kPong:
       return "PONG";
+    case FrameType::kCosts:
+      return "COSTS";
   }
   return "UNKNOWN";
 }
@@ -233,7 +259,7 @@ const char* ErrorCodeName(ErrorCode code) {
 
 bool IsKnownFrameType(uint16_t type) {
   return type >= static_cast<uint16_t>(FrameType::kHello) &&
-         type <= static_cast<uint16_t>(FrameType::kPong);
+         type <= static_cast<uint16_t>(FrameType::kCosts);
 }
 
 void EncodeHeader(const FrameHeader& h, uint8_t* out32) {
@@ -265,9 +291,9 @@ void ValidateHeader(const FrameHeader& h, uint32_t max_payload) {
   PIPESD_CHECK(h.version == kProtocolVersion, ProtocolError,
                "unsupported protocol version " << h.version << ", expected " << kProtocolVersion);
   const uint16_t type = static_cast<uint16_t>(h.type);
-  PIPESD_CHECK(
-      IsKnownFrameType(type), ProtocolError,
-      "unknown frame type " << type << ", expected 1.." << static_cast<uint16_t>(FrameType::kPong));
+  PIPESD_CHECK(IsKnownFrameType(type), ProtocolError,
+               "unknown frame type " << type << ", expected 1.."
+                                     << static_cast<uint16_t>(FrameType::kCosts));
   PIPESD_CHECK((h.flags & ~kKnownFlags) == 0, ProtocolError,
                "reserved flag bits set in " << FrameTypeName(h.type) << " frame: flags 0x"
                                             << std::hex << h.flags << ", known bits 0x"
@@ -408,6 +434,7 @@ std::vector<uint8_t> EncodeHelloOk(const HelloOk& m) {
   w.U64(m.session);
   w.Str(m.model_fingerprint, "HELLO_OK model_fingerprint");
   w.U32(m.max_ctx);
+  WriteCosts(w, m.costs, "HELLO_OK verify_ms");
   return w.Take();
 }
 
@@ -417,6 +444,7 @@ HelloOk DecodeHelloOk(const std::vector<uint8_t>& payload) {
   m.session = r.U64("session");
   m.model_fingerprint = r.Str("model_fingerprint");
   m.max_ctx = r.U32("max_ctx");
+  m.costs = ReadCosts(r, "HELLO_OK verify_ms");
   r.End();
   return m;
 }
@@ -515,6 +543,19 @@ Verdict DecodeVerdict(const std::vector<uint8_t>& payload) {
   m.verify_ms = r.F32("verify_ms");
   r.End();
   CheckVerdict(m);
+  return m;
+}
+
+std::vector<uint8_t> EncodeCosts(const CostTable& m) {
+  Writer w;
+  WriteCosts(w, m, "COSTS verify_ms");
+  return w.Take();
+}
+
+CostTable DecodeCosts(const std::vector<uint8_t>& payload) {
+  Reader r(payload, "COSTS");
+  CostTable m = ReadCosts(r, "COSTS verify_ms");
+  r.End();
   return m;
 }
 

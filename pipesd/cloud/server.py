@@ -40,12 +40,14 @@ from pipesd._core import (
     decode_draft,
     decode_hello,
     decode_prefill,
+    encode_costs,
     encode_error,
     encode_hello_ok,
     encode_verdict,
 )
 from pipesd.cloud.targets import TorchTarget, load_target, pick_backend
-from pipesd.cloud.verifier import TargetBackend, TargetSession
+from pipesd.cloud.verifier import TargetBackend, TargetSession, Verdict
+from pipesd.costs import PassCostCurve, cached_calibration, tables_differ
 from pipesd.errors import PipesdError, PromptTooLongError, ProtocolError
 from pipesd.llama_backend import LlamaCppModel, tokenizer_fingerprint
 from pipesd.netaddr import parse_hostport
@@ -126,6 +128,7 @@ class CloudServer:
         listen: str = "127.0.0.1:7070",
         auth_token: str | None = None,
         max_sessions: int = 8,
+        calibrate: bool = True,
     ) -> None:
         self.host, self.port = parse_hostport(listen, what="--listen")
         if not is_loopback(self.host) and not auth_token:
@@ -138,6 +141,14 @@ class CloudServer:
         self._sock = self._listen()  # a busy port is reported before the model loads
         try:
             self._load(target, backend, device, n_ctx, threads)
+            self.costs = PassCostCurve()
+            if calibrate:
+                self.costs.set_prior(
+                    cached_calibration(
+                        self.pool.first, self.vocab_size, path=models.resolve(target),
+                        backend=self.backend, device=device, threads=threads,
+                    )
+                )  # fmt: skip
         except BaseException:
             self._sock.close()
             raise
@@ -234,6 +245,10 @@ class CloudServer:
             session = Session(self, next(self._ids), ep, peer)
             asyncio.get_running_loop().create_task(session.run())
 
+    def cost_table_ms(self) -> list[float]:
+        """The pass-cost table as it travels: ms for passes of 1..32 tokens (empty: none)."""
+        return [1000.0 * v for v in self.costs.table()]
+
     async def compute(self, fn: Callable[..., T], *args: Any) -> T:
         """Runs a forward pass on the target's worker thread."""
         loop = asyncio.get_running_loop()
@@ -251,6 +266,8 @@ class Session:
         self.closed = False
         self.verifies = 0
         self.stale_frames = 0
+        self.costs_sent: list[float] = []  # the cost table (ms) this edge was last told
+        self.costs_sent_t = 0.0
         self._wake = asyncio.Event()
         self.loop = asyncio.get_running_loop()
         self.loop.add_reader(ep.wake_fd, self._on_wake)
@@ -359,7 +376,8 @@ class Session:
         server.sessions[self.sid] = self
         self.target = await server.compute(server.pool.acquire)
         self.greeted = True
-        ok = HelloOk(self.sid, server.fingerprint, server.n_ctx)
+        self.costs_sent = server.cost_table_ms()
+        ok = HelloOk(self.sid, server.fingerprint, server.n_ctx, self.costs_sent)
         self.send(Frame(FrameType.HELLO_OK, self.sid, 0, encode_hello_ok(ok)))
         log.info("session %d from %s: started", self.sid, self.peer)
 
@@ -384,7 +402,8 @@ class Session:
             return
         self.seq = TargetSession(self.target, params)
         seq = self.seq
-        await self.server.compute(lambda: seq.prefill(msg.tokens, epoch=frame.epoch))
+        verdict = await self.server.compute(lambda: seq.prefill(msg.tokens, epoch=frame.epoch))
+        self._send_verdict(verdict)
 
     async def _draft(self, frame: Frame) -> None:
         from pipesd._core import FLAG_HAS_DIST, FLAG_VERIFY
@@ -408,11 +427,26 @@ class Session:
             end = msg.start + len(msg.tokens)
             verdict = await self.server.compute(seq.verify_window, end)
             self.verifies += 1
-            wire = WireVerdict(
-                verdict.start, verdict.drafted, verdict.accepted, verdict.next_token,
-                1000.0 * verdict.verify_s,
-            )  # fmt: skip
-            self.send(Frame(FrameType.VERDICT, self.sid, verdict.epoch, encode_verdict(wire)))
+            self.server.costs.observe(verdict.drafted + 1, verdict.verify_s)
+            self._send_verdict(verdict)
+            self._maybe_send_costs()
+
+    def _maybe_send_costs(self) -> None:
+        """Tells the edge the cost table again when an estimate moved (at most once a second)."""
+        now = time.monotonic()
+        if now - self.costs_sent_t < 1.0:
+            return
+        table = self.server.cost_table_ms()
+        if tables_differ(self.costs_sent, table):
+            self.send(Frame(FrameType.COSTS, self.sid, 0, encode_costs(table)))
+            self.costs_sent, self.costs_sent_t = table, now
+
+    def _send_verdict(self, verdict: Verdict) -> None:
+        wire = WireVerdict(
+            verdict.start, verdict.drafted, verdict.accepted, verdict.next_token,
+            1000.0 * verdict.verify_s,
+        )  # fmt: skip
+        self.send(Frame(FrameType.VERDICT, self.sid, verdict.epoch, encode_verdict(wire)))
 
     def _stale(self, frame: Frame, tokens: int) -> None:
         """Frames of a retired epoch are normal while speculation moves on: drop, tell, go on."""

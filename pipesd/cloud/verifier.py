@@ -124,8 +124,15 @@ class TargetSession:
         self.dists: list[SparseDist | None] = []  # one per pending draft
         self.dropped = 0  # draft tokens dropped as stale
 
-    def prefill(self, prompt: Sequence[int], *, epoch: int = 0) -> float:
-        """Starts a sequence; evaluates all prompt tokens but the last. Returns seconds."""
+    def prefill(self, prompt: Sequence[int], *, epoch: int = 0) -> Verdict:
+        """Starts a sequence and produces its first output token.
+
+        One forward pass over the whole prompt (logits of its last row only) is the
+        verification of an empty window after the prompt: the returned verdict (``start`` =
+        the prompt length, nothing drafted) commits the first token, which the edge can emit
+        at once and draft from. The target then holds every committed token but that one, as
+        after any verdict.
+        """
         if not prompt:
             raise ProtocolError("PREFILL carries no tokens")
         if len(prompt) >= self.target.n_ctx:
@@ -137,10 +144,20 @@ class TargetSession:
         self.ledger.begin(list(prompt))
         self.epoch, self.retired, self.dists = epoch, False, []
         self.target.truncate(0)
-        if len(prompt) > 1:
-            self.target.decode(list(prompt[:-1]), all_logits=False)
+        window = self.ledger.submit(0)
+        logits = self.target.decode(list(prompt), all_logits=False)
         self.ledger.note_target_kv(self.target.kv_len)
-        return time.perf_counter() - t0
+        accepted, nxt = self._judge(logits, [], 0)
+        decision = self.ledger.apply_verdict(window.epoch, accepted, nxt)
+        self.target.truncate(decision.target_keep)
+        return Verdict(
+            epoch=self.epoch,
+            start=len(prompt),
+            drafted=0,
+            accepted=0,
+            next_token=nxt,
+            verify_s=time.perf_counter() - t0,
+        )
 
     def _retire(self) -> None:
         self.ledger.discard_drafts()
@@ -236,20 +253,7 @@ class TargetSession:
         t0 = time.perf_counter()
         logits = self.target.decode([ledger.last_token, *drafts], all_logits=True)
         ledger.note_target_kv(self.target.kv_len)
-        if self.params.greedy:
-            accepted, nxt = verify_greedy(logits, drafts)
-        else:
-            window_dists = self.dists[:count]
-            if any(d is None for d in window_dists):
-                raise ProtocolError("sampled verification needs the draft distributions")
-            accepted, nxt = verify_sampled(
-                logits,
-                drafts,
-                [d for d in window_dists if d is not None],
-                self.params,
-                self.rng,
-                residual_fn=self.residual_fn,
-            )
+        accepted, nxt = self._judge(logits, drafts, count)
         decision = ledger.apply_verdict(window.epoch, accepted, nxt)
         self.target.truncate(decision.target_keep)
         if decision.rolled_back:
@@ -264,6 +268,22 @@ class TargetSession:
             accepted=accepted,
             next_token=nxt,
             verify_s=time.perf_counter() - t0,
+        )
+
+    def _judge(self, logits: Logits, drafts: Sequence[int], count: int) -> tuple[int, int]:
+        """(accepted, next token) of a window of ``count`` drafts scored by ``logits``."""
+        if self.params.greedy:
+            return verify_greedy(logits, drafts)
+        window_dists = self.dists[:count]
+        if any(d is None for d in window_dists):
+            raise ProtocolError("sampled verification needs the draft distributions")
+        return verify_sampled(
+            logits,
+            drafts,
+            [d for d in window_dists if d is not None],
+            self.params,
+            self.rng,
+            residual_fn=self.residual_fn,
         )
 
     def verify(

@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 
 from pipesd._core import (
+    PROTOCOL_VERSION,
     Draft,
     EndpointOptions,
     ErrorCode,
@@ -25,6 +26,7 @@ from pipesd._core import (
     Hello,
     Prefill,
     WireDist,
+    decode_costs,
     decode_error,
     decode_hello_ok,
     decode_verdict,
@@ -44,8 +46,6 @@ from pipesd.netaddr import parse_hostport
 from pipesd.sampling import SamplingParams, SparseDist
 
 log = logging.getLogger("pipesd.edge")
-
-PROTOCOL_VERSION = 1
 
 
 class CloudLink:
@@ -89,6 +89,8 @@ class CloudLink:
         self.session = 0
         self.model_fingerprint = ""
         self.max_ctx = 0
+        self.verify_ms: list[float] = []  # the cloud's pass-cost table (HELLO_OK, COSTS)
+        self.costs_updates = 0  # COSTS frames received
         self.params: SamplingParams | None = None
         self.reconnects = 0
         self._bytes = [0, 0]  # up, down of connections already closed
@@ -132,6 +134,7 @@ class CloudLink:
                 self.session = ok.session
                 self.model_fingerprint = ok.model_fingerprint
                 self.max_ctx = ok.max_ctx
+                self.verify_ms = list(ok.verify_ms)
                 log.debug("session %d with %s (%s)", ok.session, self.address, ok.model_fingerprint)
                 return
             self._unexpected(frame, "HELLO_OK")
@@ -193,6 +196,10 @@ class CloudLink:
     def take_rtts(self) -> list[float]:
         out, self._rtts = self._rtts, []
         return out
+
+    def pass_costs(self) -> list[float]:
+        """The cloud's cost of a pass of 1, 2, ... tokens, in seconds (empty: not measured)."""
+        return [v / 1000.0 for v in self.verify_ms]
 
     # -------------------------------------------------------------------- sequence
     @property
@@ -291,6 +298,10 @@ class CloudLink:
                         sent = struct.unpack("<d", frame.payload)[0]
                         self._rtts.append(time.perf_counter() - sent)
                     continue
+                if frame.type == FrameType.COSTS:
+                    self.verify_ms = decode_costs(frame.payload)
+                    self.costs_updates += 1
+                    continue
                 if frame.type == FrameType.ERROR:
                     err = decode_error(frame.payload)
                     if err.code == int(ErrorCode.STALE_EPOCH.value):
@@ -308,6 +319,12 @@ class CloudLink:
     def _lost(self, ep: FrameEndpoint) -> None:
         reason = ep.error or ep.close_reason
         self._drop()
+        if "unsupported protocol version" in reason:
+            # Not a network fault: reconnecting cannot help.
+            raise ProtocolError(
+                f"the cloud at {self.address} speaks another protocol version ({reason}); "
+                "run the same PipeSD release on edge and cloud"
+            )
         raise LinkLostError(f"connection to the cloud at {self.address} lost: {reason}")
 
     def _unexpected(self, frame: Frame, wanted: str) -> None:

@@ -23,9 +23,13 @@ class Drafter:
     """Drafts one token at a time after ``ledger.tokens``; keeps its KV cache in step with the
     ledger (it evaluates only the tokens it has not seen, and rolls back on a verdict)."""
 
-    def __init__(self, model: LlamaCppModel, params: SamplingParams) -> None:
+    def __init__(self, model: LlamaCppModel, params: SamplingParams,
+                 costs: tuple[float, float] = (0.0, 0.0)) -> None:  # fmt: skip
+        """``costs``: measured seconds per drafted token and per prompt token of a prefill
+        (``pipesd.costs.measure_draft``; zeros when unknown)."""
         self.model = model
         self.params = params
+        self.costs = costs
         # The edge's random stream (spawn key 0); the cloud uses spawn key 1.
         self.rng = np.random.default_rng(np.random.SeedSequence(params.seed, spawn_key=(0,)))
         self.draft_s = 0.0  # seconds spent evaluating the draft model
@@ -53,6 +57,36 @@ class Drafter:
         ledger.append_drafts([out.token])
         self.draft_s += time.perf_counter() - t0
         return out
+
+    def prefill(self, ledger: SpeculationLedger, *, max_tokens: int | None = None) -> bool:
+        """Evaluates the sequence but its last token (which the next ``draft`` feeds with the
+        tokens after it): the prompt, while the target prefills it too. At most
+        ``max_tokens`` per call, so the caller can look for the target's answer in between;
+        returns True while more remain."""
+        t0 = time.perf_counter()
+        feed = ledger.tokens_from(self.model.kv_len)[:-1]
+        rest = False
+        if max_tokens is not None and len(feed) > max_tokens:
+            feed, rest = feed[:max_tokens], True
+        if feed:
+            self.model.decode(feed, all_logits=False)
+            ledger.note_draft_kv(self.model.kv_len)
+        self.draft_s += time.perf_counter() - t0
+        return rest
+
+    def guess(self, ledger: SpeculationLedger) -> DraftToken:
+        """The draft's greedy guess of the token after the committed sequence, without
+        drafting it (no pending draft is made): what it would have proposed."""
+        t0 = time.perf_counter()
+        feed = ledger.tokens_from(self.model.kv_len)
+        if not feed:
+            self.model.truncate(self.model.kv_len - 1)
+            feed = ledger.tokens_from(self.model.kv_len)
+        logits = self.model.decode(feed, all_logits=False)[0]
+        ledger.note_draft_kv(self.model.kv_len)
+        token, conf = greedy_with_confidence(logits)
+        self.draft_s += time.perf_counter() - t0
+        return DraftToken(token, conf, None)
 
     def sync(self, ledger: SpeculationLedger) -> None:
         """Rolls the KV cache back to what the ledger still holds (after drafts were dropped)."""

@@ -8,6 +8,7 @@ model alone; the decoder handles them without drafting or without verifying.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 from pipesd.cloud.verifier import Verdict
@@ -15,6 +16,9 @@ from pipesd.edge.drafter import DraftToken
 
 #: Every policy name the decoder accepts, with a one-line description.
 POLICIES: dict[str, str] = {
+    "auto": "verify when it pays: windows chosen from the measured verification cost curve, "
+    "link and draft costs and calibrated acceptance; the target decodes alone when "
+    "speculation cannot pay (the default)",
     "pipesd": "dual-threshold trigger, DP-planned token-batch pipeline, drafting during "
     "verification",
     "pipesd-no-pipeline": "PipeSD's trigger; the window goes out at once and the edge waits",
@@ -70,6 +74,35 @@ class DraftPolicy(ABC):
         """A verified window: its last batch's size and the time from sending it to the
         verdict."""
 
+    def bind(self, *, pass_costs: Callable[[], list[float]], overlap: bool,
+             draft_s: float = 0.0, draft_prefill_s: float = 0.0) -> None:  # fmt: skip
+        """At the start of a stream: ``pass_costs()`` gives the target's current cost of a
+        pass of 1, 2, ... tokens in seconds (empty when unknown); ``overlap``: drafting goes
+        on while a verdict is pending (a network link); ``draft_s`` and ``draft_prefill_s``:
+        the drafter's measured seconds per drafted token and per prompt token (0: unknown)."""
+
+    def on_submit(self, count: int) -> None:
+        """The first ``count`` pending drafts were sent for verification."""
+
+    def on_pass(self, size: int, seconds: float) -> None:
+        """A pass of ``size`` tokens that the target ran without a window of this policy
+        (the target decoding alone) took ``seconds``."""
+
+    def wants_shadow(self) -> bool:
+        """While the target decodes alone: should the idle edge guess each next token with
+        the drafter (``on_shadow`` then reports whether the guess was right)?"""
+        return False
+
+    def on_shadow(self, confidence: float, accepted: bool) -> None:
+        """A guess the drafter made while the target decoded alone: its confidence and
+        whether the target produced that token."""
+
+    def decode_alone(self, *, budget: int, behind: int) -> int:
+        """Between windows, with no drafts pending: how many tokens the target should decode
+        alone before the policy is asked again (0: speculate). ``budget``: tokens still to
+        produce; ``behind``: tokens the drafter must evaluate before it can draft again."""
+        return 0
+
 
 class FixedLengthPolicy(DraftPolicy):
     """Verify after a fixed number of drafts."""
@@ -86,11 +119,12 @@ class FixedLengthPolicy(DraftPolicy):
 
 
 def make_policy(name: str, *, draft_len: int, thresholds: Any = None,
-                task: str = "code") -> DraftPolicy | None:  # fmt: skip
+                task: str = "code", acceptance: Any = None) -> DraftPolicy | None:  # fmt: skip
     """The policy object for a name; None for the single-model references.
 
     ``thresholds``: a ``pipesd.policies.pipesd.Thresholds`` for the PipeSD family. ``task``
-    (``code`` or ``math``) picks HSL's threshold.
+    (``code`` or ``math``) picks HSL's threshold. ``acceptance``: an
+    ``AcceptanceModel`` that ``auto`` starts from.
     """
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
@@ -108,6 +142,10 @@ def make_policy(name: str, *, draft_len: int, thresholds: Any = None,
         if name == "picospec":
             return baselines.PicoSpecPolicy(draft_len)
         return baselines.SpecPPPolicy()
+    if name == "auto":
+        from pipesd.policies.auto import AutoPolicy
+
+        return AutoPolicy(acceptance=acceptance)
     if name.startswith("pipesd"):
         from pipesd.policies.pipesd import make_pipesd_policy
 

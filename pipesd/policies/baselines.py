@@ -10,6 +10,7 @@ from __future__ import annotations
 from pipesd.cloud.verifier import Verdict
 from pipesd.edge.drafter import DraftToken
 from pipesd.policies.base import DraftPolicy, FixedLengthPolicy
+from pipesd.policies.calibration import AcceptanceModel
 
 #: No policy lets one window grow past this many drafts.
 MAX_WINDOW = 64
@@ -120,9 +121,9 @@ class SpecPPPolicy(DraftPolicy):
     is accepted stays at or above ``threshold``; stop-and-wait.
 
     Each draft's acceptance probability is estimated from its confidence through a calibration
-    table learned online: confidences fall in ``bins`` equal bins, each a Beta estimate whose
-    prior mean is the bin's centre (``prior`` pseudo-observations); every verdict adds the
-    window's outcomes (the accepted drafts as accepted, the first rejected one as rejected)."""
+    table learned online (``pipesd.policies.calibration.AcceptanceModel``: confidence bins,
+    each a Beta estimate whose prior mean is the bin's centre; every verdict adds the window's
+    outcomes, the accepted drafts as accepted and the first rejected one as rejected)."""
 
     name = "specpp"
 
@@ -131,27 +132,20 @@ class SpecPPPolicy(DraftPolicy):
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"SpecPP threshold must be in (0, 1), got {threshold}")
         self.threshold = threshold
-        self.bins = bins
         self.max_window = max_window
-        centres = [(i + 0.5) / bins for i in range(bins)]
-        self.hits = [c * prior for c in centres]
-        self.trials = [prior] * bins
+        self.acceptance = AcceptanceModel(bins=bins, prior=prior)
         self.p_all = 1.0
-        self._window: list[int] = []  # bins of the drafts of the current window
-
-    def _bin(self, confidence: float) -> int:
-        return min(self.bins - 1, max(0, int(confidence * self.bins)))
+        self._window: list[float] = []  # confidences of the drafts of the current window
 
     def accept_prob(self, confidence: float) -> float:
-        b = self._bin(confidence)
-        return self.hits[b] / self.trials[b]
+        return self.acceptance.prob(confidence)
 
     def begin(self) -> None:
         self.p_all = 1.0
         self._window = []
 
     def should_verify(self, pending: int, last: DraftToken) -> bool:
-        self._window.append(self._bin(last.confidence))
+        self._window.append(last.confidence)
         self.p_all *= self.accept_prob(last.confidence)
         fire = self.p_all < self.threshold or pending >= self.max_window
         if fire:
@@ -160,13 +154,7 @@ class SpecPPPolicy(DraftPolicy):
 
     def on_verdict(self, verdict: Verdict) -> None:
         window, self._window = self._window[: verdict.drafted], []
-        for i, b in enumerate(window):
-            if i < verdict.accepted:
-                self.hits[b] += 1.0
-                self.trials[b] += 1.0
-            else:  # the first rejection; later drafts were never judged
-                self.trials[b] += 1.0
-                break
+        self.acceptance.update(window, verdict.accepted)
         self.p_all = 1.0
 
     def on_rollback(self) -> None:

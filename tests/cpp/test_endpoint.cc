@@ -446,7 +446,7 @@ TEST(Endpoint, WrongVersionIsAnsweredWithBadVersion) {
   ASSERT_TRUE(WriteAll(raw, header, sizeof header));
   const Error err = ParseErrorFrame(RawReadToEnd(raw, 5000));
   EXPECT_EQ(err.code, static_cast<uint32_t>(ErrorCode::kBadVersion));
-  EXPECT_TRUE(Contains(err.message, "unsupported protocol version 2")) << err.message;
+  EXPECT_TRUE(Contains(err.message, "unsupported protocol version 3")) << err.message;
   ASSERT_TRUE(WaitClosed(server.get()));
   ::close(raw);
 }

@@ -1,7 +1,9 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstring>
 #include <functional>
+#include <limits>
 #include <random>
 #include <string>
 #include <utility>
@@ -63,7 +65,7 @@ TEST(Frame, HeaderLayoutIsLittleEndianAndFixed) {
   h.epoch = 0x1112131415161718ull;
   h.payload_len = 0x21222324;
   const Bytes b = HeaderBytes(h);
-  const Bytes want = {'P',  'S',  'D',  '1',  1,    0,    4,    0,    3,    0,    0,
+  const Bytes want = {'P',  'S',  'D',  '1',  2,    0,    4,    0,    3,    0,    0,
                       0,    0x08, 0x07, 0x06, 0x05, 0x04, 0x03, 0x02, 0x01, 0x18, 0x17,
                       0x16, 0x15, 0x14, 0x13, 0x12, 0x11, 0x24, 0x23, 0x22, 0x21};
   EXPECT_EQ(b, want);
@@ -114,6 +116,39 @@ TEST(Frame, HelloOkRoundTrip) {
   EXPECT_EQ(back.session, m.session);
   EXPECT_EQ(back.model_fingerprint, m.model_fingerprint);
   EXPECT_EQ(back.max_ctx, m.max_ctx);
+  EXPECT_TRUE(back.costs.verify_ms.empty());
+
+  m.costs.verify_ms = {146.0f, 282.5f, 347.0f, 0.0f};
+  const HelloOk with = DecodeHelloOk(EncodeHelloOk(m));
+  EXPECT_EQ(with.costs.verify_ms, m.costs.verify_ms);
+}
+
+TEST(Frame, CostsRoundTrip) {
+  CostTable m;
+  m.verify_ms = {1.5f, 2.0f, 2.25f};
+  const Frame f = RoundTrip(MakeFrame(FrameType::kCosts, 4, 0, EncodeCosts(m)));
+  EXPECT_EQ(f.header.type, FrameType::kCosts);
+  EXPECT_STREQ(FrameTypeName(FrameType::kCosts), "COSTS");
+  EXPECT_EQ(DecodeCosts(f.payload).verify_ms, m.verify_ms);
+  EXPECT_TRUE(DecodeCosts(EncodeCosts(CostTable{})).verify_ms.empty());
+}
+
+TEST(Frame, CostsRejectsBadValues) {
+  for (float bad :
+       {-1.0f, std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+    CostTable m;
+    m.verify_ms = {10.0f, bad};
+    ExpectProtocolError([&] { EncodeCosts(m); }, {"2 tokens", "finite and >= 0"});
+    // The same bytes forged by a peer are refused by the decoder.
+    Bytes forged = EncodeCosts(CostTable{{10.0f, 20.0f}});
+    std::memcpy(forged.data() + 8, &bad, sizeof bad);
+    ExpectProtocolError([&] { DecodeCosts(forged); }, {"COSTS", "2 tokens"});
+  }
+  Bytes count_only = {0xff, 0xff, 0x00, 0x00};  // 65535 entries announced, none present
+  ExpectProtocolError([&] { DecodeCosts(count_only); }, {"inconsistent", "verify_ms"});
+  Bytes trailing = EncodeCosts(CostTable{{1.0f}});
+  trailing.push_back(0);
+  ExpectProtocolError([&] { DecodeCosts(trailing); }, {"trailing"});
 }
 
 TEST(Frame, PrefillRoundTrip) {
@@ -212,8 +247,8 @@ TEST(Frame, TypeNames) {
   EXPECT_STREQ(FrameTypeName(static_cast<FrameType>(0)), "UNKNOWN");
   EXPECT_FALSE(IsKnownFrameType(0));
   EXPECT_TRUE(IsKnownFrameType(1));
-  EXPECT_TRUE(IsKnownFrameType(10));
-  EXPECT_FALSE(IsKnownFrameType(11));
+  EXPECT_TRUE(IsKnownFrameType(11));
+  EXPECT_FALSE(IsKnownFrameType(12));
 }
 
 // Many frames of every type, serialized back to back and fed in random-sized chunks.
@@ -328,20 +363,21 @@ TEST(FrameParser, BadMagic) {
 
 TEST(FrameParser, BadVersion) {
   FrameHeader h;
-  h.version = 2;
+  h.version = 1;  // a peer of the first protocol version
   const Bytes b = HeaderBytes(h);
   FrameParser p;
-  ExpectProtocolError([&] { p.Feed(b.data(), b.size()); }, {"version 2", "expected 1"});
+  ExpectProtocolError([&] { p.Feed(b.data(), b.size()); }, {"version 1", "expected 2"});
+  EXPECT_EQ(p.error_code(), ErrorCode::kBadVersion);
 }
 
 TEST(FrameParser, UnknownType) {
-  for (uint16_t t : {0, 11, 0xffff}) {
+  for (uint16_t t : {0, 12, 0xffff}) {
     FrameHeader h;
     h.type = static_cast<FrameType>(t);
     const Bytes b = HeaderBytes(h);
     FrameParser p;
     ExpectProtocolError([&] { p.Feed(b.data(), b.size()); },
-                        {"frame type " + std::to_string(t), "1..10"});
+                        {"frame type " + std::to_string(t), "1..11"});
   }
 }
 
@@ -558,6 +594,9 @@ bool ParseAndDecodeAll(const Bytes& wire, std::mt19937* rng, uint32_t max_payloa
             case FrameType::kBye:
               CheckEmptyPayload(f.header.type, f.payload);
               break;
+            case FrameType::kCosts:
+              DecodeCosts(f.payload);
+              break;
             case FrameType::kPing:
             case FrameType::kPong:
               break;
@@ -583,7 +622,7 @@ TEST(FrameFuzz, RandomBytesOnlyThrowProtocolError) {
     // the bytes present) so that the payload decoders and later headers get exercised too.
     if (i % 2 == 0 && wire.size() >= kFrameHeaderSize) {
       FrameHeader h;
-      h.type = static_cast<FrameType>(1 + rng() % 10);
+      h.type = static_cast<FrameType>(1 + rng() % 11);
       h.flags = h.type == FrameType::kDraft ? rng() % 4 : 0;
       h.payload_len = static_cast<uint32_t>(rng() % (wire.size() - kFrameHeaderSize + 8));
       EncodeHeader(h, wire.data());

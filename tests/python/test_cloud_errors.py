@@ -17,6 +17,7 @@ from test_cli_errors import assert_one_error_line, run_cli
 from pipesd import Generator
 from pipesd._core import (
     DEFAULT_MAX_PAYLOAD,
+    PROTOCOL_VERSION,
     ErrorCode,
     Frame,
     FrameParser,
@@ -26,6 +27,7 @@ from pipesd._core import (
     WireDist,
     decode_error,
     decode_hello_ok,
+    decode_verdict,
     encode_hello,
     encode_prefill,
     make_draft_frame,
@@ -38,8 +40,9 @@ PROMPT = "def is_prime(n):\n"
 N_NEW = 48
 
 
-def header(*, magic: int = 0x31445350, version: int = 1, ftype: int = 1, flags: int = 0,
-           session: int = 0, epoch: int = 0, length: int = 0) -> bytes:  # fmt: skip
+def header(*, magic: int = 0x31445350, version: int = PROTOCOL_VERSION, ftype: int = 1,
+           flags: int = 0, session: int = 0, epoch: int = 0,
+           length: int = 0) -> bytes:  # fmt: skip
     return struct.pack("<IHHIQQI", magic, version, ftype, flags, session, epoch, length)
 
 
@@ -87,6 +90,15 @@ class Raw:
         f = self.frame()
         assert f is not None and f.type == FrameType.HELLO_OK, f
         return int(decode_hello_ok(f.payload).session)
+
+    def prefill(self, sid: int, epoch: int, prompt: Prefill) -> int:
+        """Starts a sequence; returns the first output token (the PREFILL's VERDICT)."""
+        self.send(Frame(FrameType.PREFILL, sid, epoch, encode_prefill(prompt)))
+        f = self.frame()
+        assert f is not None and f.type == FrameType.VERDICT, f
+        v = decode_verdict(f.payload)
+        assert (v.drafted, v.accepted, f.epoch) == (0, 0, epoch)
+        return int(v.next_token)
 
 
 @pytest.fixture(scope="module")
@@ -169,8 +181,8 @@ def test_bad_inputs_close_only_their_connection(cloud, smollm_vocab, mild_draft,
 
         r = Raw(cloud.port)  # DRAFT naming another session than the one HELLO_OK gave
         sid = r.hello(vocab, fingerprint)
-        r.send(Frame(FrameType.PREFILL, sid, 1, encode_prefill(Prefill(prompt_ids))))
-        r.send(make_draft_frame(sid + 1000, 1, WireDraft(len(prompt_ids), [1], []), True))
+        r.prefill(sid, 1, Prefill(prompt_ids))
+        r.send(make_draft_frame(sid + 1000, 1, WireDraft(len(prompt_ids) + 1, [1], []), True))
         cases.append(("unknown session", *r.error_then_close()))
 
         r = Raw(cloud.port)  # a malformed payload inside a valid header
@@ -179,9 +191,8 @@ def test_bad_inputs_close_only_their_connection(cloud, smollm_vocab, mild_draft,
 
         r = Raw(cloud.port)  # sampled DRAFT without distributions
         sid = r.hello(vocab, fingerprint)
-        r.send(Frame(FrameType.PREFILL, sid, 1,
-                     encode_prefill(Prefill(prompt_ids, temperature=1.0, top_p=1.0))))  # fmt: skip
-        r.send(make_draft_frame(sid, 1, WireDraft(len(prompt_ids), [5], []), True))
+        r.prefill(sid, 1, Prefill(prompt_ids, temperature=1.0, top_p=1.0))
+        r.send(make_draft_frame(sid, 1, WireDraft(len(prompt_ids) + 1, [5], []), True))
         cases.append(("sampled draft without dists", *r.error_then_close()))
 
         expected = {
@@ -205,13 +216,13 @@ def test_bad_inputs_close_only_their_connection(cloud, smollm_vocab, mild_draft,
         # session goes on (stale frames are normal while speculation moves on).
         r = Raw(cloud.port)
         sid = r.hello(vocab, fingerprint)
-        r.send(Frame(FrameType.PREFILL, sid, 5, encode_prefill(Prefill(prompt_ids))))
-        r.send(make_draft_frame(sid, 3, WireDraft(len(prompt_ids), [11, 12], []), True))
+        r.prefill(sid, 5, Prefill(prompt_ids))
+        r.send(make_draft_frame(sid, 3, WireDraft(len(prompt_ids) + 1, [11, 12], []), True))
         f = r.frame()
         assert f is not None and f.type == FrameType.ERROR
         err = decode_error(f.payload)
         assert ErrorCode(err.code).name == "STALE_EPOCH" and "epoch 3" in err.message
-        r.send(make_draft_frame(sid, 5, WireDraft(len(prompt_ids), [], []), True))
+        r.send(make_draft_frame(sid, 5, WireDraft(len(prompt_ids) + 1, [], []), True))
         f = r.frame()
         assert f is not None and f.type == FrameType.VERDICT, "the session did not go on"
         r.send(Frame(FrameType.BYE, sid, 5))
@@ -285,8 +296,8 @@ def test_one_session_too_many_is_refused_busy(smollm_path: Path, smollm_vocab,
         code, message = second.error_then_close()
         assert code == "BUSY" and "1 sessions" in message
         # The first session is unaffected, and its end frees the place.
-        first.send(Frame(FrameType.PREFILL, sid, 1, encode_prefill(Prefill(prompt_ids))))
-        first.send(make_draft_frame(sid, 1, WireDraft(len(prompt_ids), [], []), True))
+        first.prefill(sid, 1, Prefill(prompt_ids))
+        first.send(make_draft_frame(sid, 1, WireDraft(len(prompt_ids) + 1, [], []), True))
         f = first.frame()
         assert f is not None and f.type == FrameType.VERDICT
         first.send(Frame(FrameType.BYE, sid, 1))

@@ -14,7 +14,7 @@
 namespace pipesd {
 
 constexpr uint32_t kFrameMagic = 0x31445350;  // the bytes "PSD1" read as a little-endian u32
-constexpr uint16_t kProtocolVersion = 1;
+constexpr uint16_t kProtocolVersion = 2;
 constexpr size_t kFrameHeaderSize = 32;
 constexpr uint32_t kDefaultMaxPayload = 16u << 20;  // 16 MiB
 
@@ -29,6 +29,7 @@ enum class FrameType : uint16_t {
   kError = 8,
   kPing = 9,
   kPong = 10,
+  kCosts = 11,
 };
 
 // Header flags. Both are meaningful on DRAFT frames only; every other bit is reserved and must
@@ -141,10 +142,17 @@ struct Hello {
   uint16_t max_version = kProtocolVersion;
 };
 
+// The cloud's measured cost of one verification pass by its size: verify_ms[i] is the wall time
+// of a pass over i + 1 tokens (the last committed token and i drafts). Empty: not measured.
+struct CostTable {
+  std::vector<float> verify_ms;
+};
+
 struct HelloOk {
   uint64_t session = 0;
   std::string model_fingerprint;
   uint32_t max_ctx = 0;
+  CostTable costs;
 };
 
 struct Prefill {
@@ -198,6 +206,10 @@ Frame MakeDraftFrame(uint64_t session, uint64_t epoch, const Draft& m, bool veri
 
 std::vector<uint8_t> EncodeVerdict(const Verdict& m);
 Verdict DecodeVerdict(const std::vector<uint8_t>& payload);
+
+// COSTS (cloud -> edge): the cost table again, whenever the cloud's estimates moved.
+std::vector<uint8_t> EncodeCosts(const CostTable& m);
+CostTable DecodeCosts(const std::vector<uint8_t>& payload);
 
 std::vector<uint8_t> EncodeError(const Error& m);
 Error DecodeError(const std::vector<uint8_t>& payload);

@@ -1,0 +1,273 @@
+"""The ``auto`` policy: verify when it pays, by what a verification really costs.
+
+After every draft it decides "verify now, or draft one more" by maximising the expected number
+of committed tokens per second, and between windows it may decide not to speculate at all and
+let the target decode alone. docs/policies.md states the rule; the symbols here are its:
+
+    a_i    calibrated probability that draft i of the window is accepted (from its confidence)
+    a_bar  predicted acceptance of a draft not made yet (moving average of recent a_i)
+    P_i    a_1 * ... * a_i, P_0 = 1: all of the first i drafts accepted
+    E(n)   P_0 + ... + P_n: tokens a window of n drafts commits (accepted ones + correction
+           or bonus)
+    V(m)   cost of one verification pass of m tokens (the target's measured curve)
+    gamma  seconds to draft one token;  R  round trip;  S  sending the window's last batch
+    W(n)   R + S + V(n + 1): from closing the window to its verdict
+    F(n)   P_n * a_bar: the whole window accepted and the bonus equal to the first draft made
+           during the wait, so that the drafts made during W survive
+    H(n)   min(n * gamma, W(n) - gamma, (L - 1) * gamma): drafting of the next window hidden
+           behind W (L = drafts allowed during the wait); 0 without a network (local target)
+    T(n)   n * gamma + W(n) - F(n) * H(n): expected time of the cycle
+    rate(n) = E(n) / T(n);   rate_alone = 1 / V(1) (the target decoding alone, streamed)
+
+After the k-th draft, n* = argmax over n in [k, N_max] of rate(n), with a_i known for i <= k
+and a_bar beyond: verify now iff n* = k. Costs are not monotone in n (a staircase), so every n
+is evaluated, not just the next one. Between windows, if max over n >= 1 of rate(n) (a_bar
+everywhere) is below rate_alone, the target decodes alone for a block of tokens and the rule
+is asked again. Speculating pays when  c * behind + B / max rate(n) < B / rate_alone  over the
+B tokens still to produce, where c * behind is the drafter catching up on the tokens it has
+not seen (the prompt, in local mode; the tokens decoded alone). Through a network the idle
+edge guesses each token decoded alone with the drafter (when a guess is quicker than the
+cloud's step), which keeps it caught up and a_bar fresh for free; otherwise one probe window
+refreshes a_bar after each block, provided speculation would pay at a_bar + 0.15, and the
+block doubles (8 .. 64 tokens) while probes keep confirming.
+
+The pipeline is PipeSD's: the DP plans how the window is streamed and the edge drafts during
+verification.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from pipesd.cloud.verifier import Verdict
+from pipesd.costs import PassCostCurve
+from pipesd.edge.drafter import DraftToken
+from pipesd.policies.calibration import AcceptanceModel
+from pipesd.policies.pipesd import PipeSDPolicy
+
+#: The longest window the rule considers (the cloud calibrates passes of up to 32 tokens).
+MAX_WINDOW = 31
+#: Target-alone blocks: tokens decoded before the next probe window.
+MIN_BLOCK, MAX_BLOCK = 8, 64
+#: a_bar before any draft of the session was seen (no calibration file).
+DEFAULT_ACCEPTANCE = 0.75
+#: A probe window is run only if speculation would pay at a_bar + OPTIMISM.
+OPTIMISM = 0.15
+#: The edge guesses alone tokens only while a guess costs less than this share of V(1).
+SHADOW_FRACTION = 0.7
+
+
+@dataclass(frozen=True)
+class CycleModel:
+    """What one speculation cycle costs: the pass curve and the edge's own costs."""
+
+    pass_s: Callable[[int], float]  # V(m): seconds of a pass of m tokens
+    gamma_s: float
+    rtt_s: float = 0.0
+    send_s: float = 0.0
+    overlap: bool = False  # drafting continues during verification (a network link)
+    wait_limit: int = 16
+
+
+def expected_tokens(probs: Sequence[float]) -> float:
+    """E(n) for a window whose drafts are accepted with probabilities ``probs``."""
+    total, p = 1.0, 1.0
+    for a in probs:
+        p *= a
+        total += p
+    return total
+
+
+def cycle_time(n: int, p_full: float, model: CycleModel) -> float:
+    """T(n): drafting n tokens, sending, verifying, less the drafting hidden behind W."""
+    wait = model.rtt_s + model.send_s + model.pass_s(n + 1)
+    draft = n * model.gamma_s
+    if model.overlap:
+        hidden = min(draft, max(0.0, wait - model.gamma_s), (model.wait_limit - 1) * model.gamma_s)
+        draft -= p_full * max(0.0, hidden)
+    return draft + wait
+
+
+def window_rate(probs: Sequence[float], future: float, model: CycleModel) -> float:
+    """rate(n) = E(n) / T(n) for the window of drafts ``probs`` (n = len(probs))."""
+    n = len(probs)
+    p_n = 1.0
+    for a in probs:
+        p_n *= a
+    return expected_tokens(probs) / cycle_time(n, p_n * future, model)
+
+
+def best_window(known: Sequence[float], future: float, model: CycleModel,
+                max_window: int = MAX_WINDOW) -> tuple[int, float]:  # fmt: skip
+    """(n*, rate(n*)) over n in [max(1, len(known)), max_window]: drafts beyond the known
+    ones are predicted to be accepted with probability ``future``."""
+    k = len(known)
+    best_n, best_rate = 0, -1.0
+    expected, p = 1.0, 1.0  # E and P_n, extended one draft at a time
+    for n in range(1, max(max_window, k) + 1):
+        p *= known[n - 1] if n <= k else future
+        expected += p
+        if n < k:
+            continue
+        rate = expected / cycle_time(n, p * future, model)
+        if rate > best_rate:
+            best_n, best_rate = n, rate
+    return best_n, best_rate
+
+
+def alone_rate(model: CycleModel) -> float:
+    """Tokens per second of the target decoding alone (one pass of one token each)."""
+    v1 = model.pass_s(1)
+    return 1.0 / v1 if v1 > 0 else 0.0
+
+
+class AutoPolicy(PipeSDPolicy):
+    """Cost-aware speculation over PipeSD's pipeline (module docstring: the rule).
+
+    Args:
+        acceptance: the calibration to start from (a copy is learnt online).
+        fallback_len: drafts per window while the pass curve is still unknown.
+    """
+
+    def __init__(
+        self,
+        *,
+        acceptance: AcceptanceModel | None = None,
+        max_window: int = MAX_WINDOW,
+        fallback_len: int = 4,
+        wait_drafts: int = 16,
+        ewma: float = 0.1,
+    ) -> None:
+        super().__init__(name="auto", trigger="fixed", fixed_len=fallback_len,
+                         max_window=max_window, wait_drafts=wait_drafts)  # fmt: skip
+        self.acceptance = acceptance.copy() if acceptance is not None else AcceptanceModel()
+        self.curve = PassCostCurve()
+        self.fallback_len = fallback_len
+        self.ewma = ewma
+        rate = self.acceptance.mean_rate()
+        self.future = rate if rate is not None else DEFAULT_ACCEPTANCE
+        self._link_costs: Callable[[], list[float]] = list
+        self._link_table: list[float] = []
+        self.overlap = False
+        self.draft_s = 0.0  # measured at load: gamma until the monitor has its own
+        self.draft_prefill_s = 0.0  # seconds per token the drafter catches up
+        self._conf: list[float] = []  # confidences of the window being drafted, by position
+        self._probs: list[float] = []
+        self._submitted: list[float] | None = None  # confidences of the window in flight
+        self.block = MIN_BLOCK
+        self._probe_next = False
+        self._shadowed = False
+        self.alone_blocks = 0  # blocks decoded by the target alone (statistics)
+        self.decisions = 0
+
+    # ----------------------------------------------------------------- wiring
+    def bind(self, *, pass_costs: Callable[[], list[float]], overlap: bool,
+             draft_s: float = 0.0, draft_prefill_s: float = 0.0) -> None:  # fmt: skip
+        self._link_costs = pass_costs
+        self.overlap = overlap
+        self.draft_s, self.draft_prefill_s = draft_s, draft_prefill_s
+        self._refresh_costs()
+
+    def _refresh_costs(self) -> None:
+        table = self._link_costs()
+        if table != self._link_table:
+            self._link_table = list(table)
+            self.curve.set_prior(table)
+
+    def cycle_model(self) -> CycleModel | None:
+        """The current cost estimates, or None while the pass curve is unknown."""
+        self._refresh_costs()
+        if not self.curve.known:
+            return None
+        mon = self.monitor
+        rtt = min(mon.rtt_s) if (self.overlap and mon.rtt_s) else 0.0
+        send = (mon.alpha_s + mon.beta_s) if self.overlap else 0.0
+        return CycleModel(
+            pass_s=self.curve.cost,
+            gamma_s=max(mon.gamma_s or self.draft_s, 1e-4),
+            rtt_s=rtt,
+            send_s=send,
+            overlap=self.overlap,
+            wait_limit=max(1, self.wait_drafts),
+        )
+
+    # ---------------------------------------------------------------- trigger
+    def begin(self) -> None:
+        super().begin()
+        self._conf, self._probs, self._submitted = [], [], None
+
+    def should_verify(self, pending: int, last: DraftToken) -> bool:
+        a = self.acceptance.prob(last.confidence)
+        del self._conf[pending - 1 :], self._probs[pending - 1 :]
+        self._conf.append(last.confidence)
+        self._probs.append(a)
+        self.future = (1 - self.ewma) * self.future + self.ewma * a
+        if pending >= self.max_window:
+            return True
+        model = self.cycle_model()
+        if model is None:
+            return pending >= self.fallback_len
+        self.decisions += 1
+        n_best, _ = best_window(self._probs[:pending], self.future, model, self.max_window)
+        return n_best <= pending
+
+    def on_submit(self, count: int) -> None:
+        self._submitted = self._conf[:count]
+        self._conf, self._probs = [], []
+
+    def on_verdict(self, verdict: Verdict) -> None:
+        super().on_verdict(verdict)
+        self.curve.observe(verdict.drafted + 1, verdict.verify_s)
+        window = self._submitted if self._submitted is not None else []
+        self.acceptance.update(window[: verdict.drafted], verdict.accepted)
+        self._submitted = None
+
+    def on_rollback(self) -> None:
+        super().on_rollback()
+        self._conf, self._probs = [], []
+
+    def on_pass(self, size: int, seconds: float) -> None:
+        self.curve.observe(size, seconds)
+
+    # -------------------------------------------------------------- no speculation
+    def wants_shadow(self) -> bool:
+        model = self.cycle_model()
+        return model is not None and model.gamma_s < SHADOW_FRACTION * model.pass_s(1)
+
+    def on_shadow(self, confidence: float, accepted: bool) -> None:
+        self.acceptance.observe(confidence, accepted)
+        a = self.acceptance.prob(confidence)
+        self.future = (1 - self.ewma) * self.future + self.ewma * a
+        self._shadowed = True
+
+    def decode_alone(self, *, budget: int, behind: int) -> int:
+        model = self.cycle_model()
+        if model is None or budget < 2:
+            return 0
+        alone = alone_rate(model)
+        # Resuming speculation first costs the drafter's catch-up over what it has not seen.
+        catch_up = behind * self.draft_prefill_s
+
+        def pays(acceptance: float) -> bool:
+            _, spec = best_window([], acceptance, model, self.max_window)
+            return spec > 0 and catch_up + budget / spec < budget / alone
+
+        if pays(self.future):
+            self.block, self._probe_next = MIN_BLOCK, False
+            return 0
+        shadowed, self._shadowed = self._shadowed, False
+        if shadowed:  # the estimates stayed fresh while the target decoded alone
+            self.block, self._probe_next = MIN_BLOCK, False
+        elif self._probe_next:
+            # One window refreshes the estimates, unless even an optimistic acceptance would
+            # not make speculation pay (then a probe could only cost time).
+            self._probe_next = False
+            if pays(min(0.99, self.future + OPTIMISM)):
+                return 0
+        tokens = min(self.block, budget)
+        if not shadowed:
+            self.block = min(2 * self.block, MAX_BLOCK)
+            self._probe_next = True
+        self.alone_blocks += 1
+        return tokens

@@ -1,0 +1,119 @@
+"""The probability that the target accepts a draft, given the draft's confidence.
+
+Confidences (the draft's probability of its own token) fall into equal bins; each bin holds a
+Beta estimate of the acceptance rate whose prior mean is the bin's centre (``prior``
+pseudo-observations). Every verdict adds the window's outcomes in order: the accepted drafts
+as accepted, the first rejected one as rejected; drafts after it were never judged. The table
+is learnt online per session and can be seeded from a file (``pipesd tune`` writes one).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def default_acceptance_path() -> Path:
+    """Where ``pipesd tune`` writes the pair's calibration and ``generate`` reads it."""
+    from pipesd.models import pipesd_home
+
+    return pipesd_home() / "acceptance.json"
+
+
+class AcceptanceModel:
+    """P(accepted | confidence) as a table of confidence bins."""
+
+    def __init__(self, *, bins: int = 10, prior: float = 4.0) -> None:
+        if bins < 1 or prior <= 0:
+            raise ValueError(f"need bins >= 1 and prior > 0, got {bins}, {prior}")
+        self.bins = bins
+        self.prior = prior
+        centres = [(i + 0.5) / bins for i in range(bins)]
+        self.hits = [c * prior for c in centres]
+        self.trials = [prior] * bins
+
+    def bin_of(self, confidence: float) -> int:
+        return min(self.bins - 1, max(0, int(confidence * self.bins)))
+
+    def prob(self, confidence: float) -> float:
+        b = self.bin_of(confidence)
+        return self.hits[b] / self.trials[b]
+
+    def observe(self, confidence: float, accepted: bool) -> None:
+        b = self.bin_of(confidence)
+        self.trials[b] += 1.0
+        self.hits[b] += float(accepted)
+
+    def update(self, confidences: Sequence[float], accepted: int) -> None:
+        """One verdict: ``confidences`` of the window's drafts in order, ``accepted`` of them
+        accepted; the next one (if any) was rejected and later ones were never judged."""
+        for i, c in enumerate(confidences):
+            if i < accepted:
+                self.observe(c, True)
+            else:
+                self.observe(c, False)
+                break
+
+    @property
+    def observations(self) -> float:
+        return sum(self.trials) - self.prior * self.bins
+
+    def mean_rate(self) -> float | None:
+        """The acceptance rate over every observed draft (None before any)."""
+        seen = self.observations
+        if seen < 1.0:
+            return None
+        prior_hits = sum((i + 0.5) / self.bins * self.prior for i in range(self.bins))
+        return (sum(self.hits) - prior_hits) / seen
+
+    # ------------------------------------------------------------------ files
+    def to_dict(self) -> dict[str, Any]:
+        return {"bins": self.bins, "prior": self.prior, "hits": self.hits, "trials": self.trials}
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> AcceptanceModel:
+        m = AcceptanceModel(bins=int(data["bins"]), prior=float(data["prior"]))
+        hits = [float(v) for v in data["hits"]]
+        trials = [float(v) for v in data["trials"]]
+        if len(hits) != m.bins or len(trials) != m.bins:
+            raise ValueError(f"expected {m.bins} bins, got {len(hits)} and {len(trials)}")
+        if any(t <= 0 or h < 0 or h > t for h, t in zip(hits, trials, strict=True)):
+            raise ValueError("every bin needs 0 <= hits <= trials and trials > 0")
+        m.hits, m.trials = hits, trials
+        return m
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.to_dict()), encoding="utf-8")
+        tmp.replace(path)
+
+    @staticmethod
+    def load(path: str | Path) -> AcceptanceModel:
+        try:
+            return AcceptanceModel.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            raise ValueError(f"acceptance file {path} not found") from None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"acceptance file {path} is not valid: {e}") from None
+
+    def copy(self) -> AcceptanceModel:
+        return AcceptanceModel.from_dict(self.to_dict())
+
+
+def resolve_acceptance(value: AcceptanceModel | str | Path | None) -> AcceptanceModel | None:
+    """An AcceptanceModel, a file path, or None: the default file if present, else None."""
+    if isinstance(value, AcceptanceModel):
+        return value
+    if value is not None:
+        return AcceptanceModel.load(value)
+    path = default_acceptance_path()
+    if not path.is_file():
+        return None
+    try:
+        return AcceptanceModel.load(path)
+    except ValueError:
+        return None  # a damaged default is ignored; an explicit file is an error

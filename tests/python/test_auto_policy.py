@@ -1,0 +1,199 @@
+"""The ``auto`` policy's decision rule against brute force on synthetic costs, and the policy
+on the real small pair: lossless, and it decodes with the target alone when the measured
+costs say speculation cannot pay."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from pathlib import Path
+
+import pytest
+from conftest import check_lossless
+
+from pipesd import Generator
+from pipesd.costs import PassCostCurve
+from pipesd.edge.drafter import DraftToken
+from pipesd.policies.auto import (
+    AutoPolicy,
+    CycleModel,
+    alone_rate,
+    best_window,
+    window_rate,
+)
+from pipesd.policies.calibration import AcceptanceModel
+
+MS = 1e-3
+# One verification pass of m tokens, seconds: the CPU staircase measured on the Q4_K_M 1.5B
+# (llama.cpp picks kernels by batch class), a flat GPU-like curve, and a linear CPU curve.
+STAIRCASE = [146, 282, 347, 344, 689, 632, 621, 1050, 1060, 1080, 1100, 1128] + [1374] * 4
+STAIRCASE += [1885] * 8 + [2328] * 8
+CURVES = {
+    "staircase": lambda m: STAIRCASE[m - 1] * MS,
+    "flat": lambda m: (20.0 + 0.6 * m) * MS,
+    "linear": lambda m: 150.0 * m * MS,
+}
+
+
+def brute_force(known: list[float], future: float, model: CycleModel, max_window: int) -> int:
+    """The window length with the best rate(n), each n evaluated from the formula alone."""
+    k = len(known)
+    rates = {
+        n: window_rate(known[:n] + [future] * max(0, n - k), future, model)
+        for n in range(max(1, k), max_window + 1)
+    }
+    best = max(rates.values())
+    return min(n for n, r in rates.items() if r >= best * (1 - 1e-12))
+
+
+@pytest.mark.parametrize("curve", sorted(CURVES))
+@pytest.mark.parametrize("overlap", [False, True])
+def test_rule_picks_the_brute_force_optimum(curve: str, overlap: bool) -> None:
+    rng = random.Random(f"{curve}{overlap}")
+    for _ in range(300):
+        model = CycleModel(
+            pass_s=CURVES[curve],
+            gamma_s=rng.uniform(2, 120) * MS,
+            rtt_s=rng.choice([0.0, 0.04, 0.1]) if overlap else 0.0,
+            send_s=rng.uniform(0, 2) * MS if overlap else 0.0,
+            overlap=overlap,
+            wait_limit=rng.choice([1, 4, 16]),
+        )
+        known = [rng.uniform(0.05, 1.0) for _ in range(rng.randint(0, 6))]
+        future = rng.uniform(0.05, 0.99)
+        n, rate = best_window(known, future, model, 24)
+        assert n == brute_force(known, future, model, 24)
+        assert rate == pytest.approx(window_rate(known + [future] * (n - len(known)), future,
+                                                 model))  # fmt: skip
+
+
+def test_staircase_windows_end_where_a_stair_ends() -> None:
+    """On the CPU staircase a pass of 4 costs about a pass of 3, a pass of 5 twice that: with
+    high acceptance the best window fills the pass of 4 (3 drafts), never 4 drafts."""
+    model = CycleModel(pass_s=CURVES["staircase"], gamma_s=20 * MS)
+    for a in (0.9, 0.95, 0.99):
+        n, _ = best_window([], a, model, 31)
+        # One more draft would make the pass dearer: the window fills its stair.
+        assert STAIRCASE[n + 1] > STAIRCASE[n], (a, n)
+        assert n != 4
+
+
+def test_rule_chooses_the_target_alone_when_speculation_cannot_pay() -> None:
+    # A linear curve with a draft half as costly as a target step: no window can win.
+    slow = CycleModel(pass_s=CURVES["linear"], gamma_s=75 * MS)
+    for a in (0.5, 0.8, 0.99):
+        assert best_window([], a, slow, 31)[1] < alone_rate(slow)
+    # A flat curve and a cheap draft: speculation wins by far at good acceptance.
+    fast = CycleModel(pass_s=CURVES["flat"], gamma_s=3 * MS)
+    assert best_window([], 0.8, fast, 31)[1] > 1.8 * alone_rate(fast)
+
+    def policy(curve: str, gamma_ms: float, acceptance: float) -> AutoPolicy:
+        p = AutoPolicy()
+        p.bind(pass_costs=lambda: [CURVES[curve](m) for m in range(1, 33)], overlap=False,
+               draft_s=gamma_ms * MS, draft_prefill_s=gamma_ms * MS / 4)  # fmt: skip
+        p.future = acceptance
+        return p
+
+    p = policy("linear", 75, 0.9)
+    blocks = [p.decode_alone(budget=200, behind=0) for _ in range(4)]
+    assert blocks[0] == 8 and all(b > 0 for b in blocks)  # never a probe: it cannot pay
+    assert blocks == sorted(blocks) and blocks[-1] == 64
+    assert policy("flat", 3, 0.8).decode_alone(budget=200, behind=0) == 0
+    # Catching the drafter up on a long prompt is not worth it for 3 tokens, but is for 300.
+    assert policy("flat", 3, 0.8).decode_alone(budget=3, behind=4000) > 0
+    assert policy("flat", 3, 0.8).decode_alone(budget=300, behind=4000) == 0
+
+
+def test_online_trigger_follows_the_rule() -> None:
+    """Fed drafts one at a time, the policy verifies exactly where best_window says the
+    window should end, given what it knows after each draft."""
+    curve = [CURVES["staircase"](m) for m in range(1, 33)]
+    rng = random.Random(3)
+    for _ in range(50):
+        p = AutoPolicy()
+        p.bind(pass_costs=lambda: curve, overlap=True, draft_s=0.02, draft_prefill_s=0.005)
+        p.monitor.on_draft(0.02)
+        p.monitor.on_rtt(0.04)
+        confs = [rng.choice([0.3, 0.6, 0.9, 0.99]) for _ in range(40)]
+        for pending, c in enumerate(confs, start=1):
+            future = p.future
+            probs = [p.acceptance.prob(x) for x in confs[:pending]]
+            future = 0.9 * future + 0.1 * probs[-1]
+            model = p.cycle_model()
+            assert model is not None
+            expect = best_window(probs, future, model, p.max_window)[0] <= pending
+            assert p.should_verify(pending, DraftToken(1, c, None)) == expect
+            if expect:
+                break
+
+
+def test_acceptance_learns_and_round_trips(tmp_path: Path) -> None:
+    m = AcceptanceModel()
+    assert m.mean_rate() is None and m.prob(0.95) == pytest.approx(0.95)
+    for _ in range(30):
+        m.update([0.95, 0.95, 0.35], 1)  # the second 0.95 draft is rejected; 0.35 never judged
+    assert m.prob(0.95) == pytest.approx((0.95 * 4 + 30) / 64)
+    assert m.prob(0.35) == pytest.approx(0.35)
+    assert m.mean_rate() == pytest.approx(0.5)
+    m.save(tmp_path / "a.json")
+    back = AcceptanceModel.load(tmp_path / "a.json")
+    assert back.to_dict() == m.to_dict()
+    (tmp_path / "bad.json").write_text('{"bins": 2, "prior": 1, "hits": [3], "trials": [1]}')
+    with pytest.raises(ValueError, match="not valid"):
+        AcceptanceModel.load(tmp_path / "bad.json")
+
+
+def test_cost_curve_is_robust_and_conservative() -> None:
+    c = PassCostCurve(window=5)
+    assert not c.known and c.table() == []
+    for v in (0.10, 0.11, 5.0, 0.09, 0.10):  # one outlier
+        c.observe(4, v)
+    assert c.cost(4) == pytest.approx(0.10)
+    c.observe(8, 0.2)
+    assert c.cost(1) == c.cost(3) == pytest.approx(0.10)  # the nearest measured size above
+    assert c.cost(6) == pytest.approx(0.2)
+    assert c.cost(16) == pytest.approx(0.4)  # above the largest: linear
+    c.set_prior([0.05] * 32)
+    assert c.cost(1) == pytest.approx(0.05) and c.cost(4) == pytest.approx(0.10)
+
+
+def test_auto_is_lossless_and_chooses_by_cost(smollm_path: Path, mild_draft: Path) -> None:
+    """smollm2 drafting for itself costs as much per token as the target: with the measured
+    curve, auto lets the target decode alone; with no curve known it speculates (windows of
+    4, then what the observed passes say). Either way the output is the target's."""
+    prompts = ["def fizzbuzz(n):\n", "The three primary colours are"]
+    with Generator(draft=str(mild_draft), target=str(smollm_path), n_ctx=1024) as gen:
+        assert len(gen.pass_costs) == 32 and all(v > 0 for v in gen.pass_costs)
+        for prompt in prompts:
+            ref = gen.generate(prompt, max_new_tokens=40, policy="target-only")
+            res = gen.generate(prompt, max_new_tokens=40)
+            # Decoding alone runs the very passes target-only runs: identical output.
+            assert res.stats.policy == "auto" and res.tokens == ref.tokens
+            assert res.stats.alone_tokens >= 30, res.stats
+    with Generator(draft=str(mild_draft), target=str(smollm_path), n_ctx=1024,
+                   calibrate=False) as gen:  # fmt: skip
+        assert gen.pass_costs == []
+        for prompt in prompts:
+            # Equal to target-only, or apart at a genuine near-tie of llama.cpp's batch-shape
+            # arithmetic (conftest.TIE_MARGIN); checked to the end of the budget.
+            compared, _, _ = check_lossless(gen, gen.tokenize(prompt), 40, "llama.cpp")
+            assert compared >= 40
+            res = gen.generate(prompt, max_new_tokens=40)
+            assert res.stats.verifications > 0 and res.stats.accepted > 0
+
+
+def test_first_token_comes_from_the_prefill(smollm_path: Path, mild_draft: Path) -> None:
+    """Every policy emits the first token from the prefill: no verify request has been sent
+    and exactly one verdict (the prefill's) has been received when it is yielded."""
+    with Generator(draft=str(mild_draft), target=str(smollm_path), n_ctx=1024) as gen:
+        for policy in ("vanilla", "pipesd", "picospec", "target-only"):
+            trace: list[tuple[str, float, float]] = []
+            stream = gen.stream("def add(a, b):\n", max_new_tokens=8, policy=policy,
+                                trace=trace)  # fmt: skip
+            first = next(iter(stream))
+            kinds = [k for k, _, _ in trace]
+            assert first.token >= 0
+            assert "verify" not in kinds and kinds.count("verdict") == 1, (policy, kinds)
+            rest = list(itertools.chain([first], stream))
+            assert len([e for e in rest if e.token >= 0]) == 8
+            assert stream.result.stats.prefill_s > 0

@@ -1,0 +1,149 @@
+"""The cloud's verification cost table on the wire (HELLO_OK, COSTS), protocol version 2
+refusing version-1 peers in both directions, and ``auto`` through a real cloud and link."""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import threading
+from pathlib import Path
+
+from cloudproc import CloudProcess
+from test_baselines import assert_same_or_tie
+from test_cli_errors import assert_one_error_line, run_cli
+
+from pipesd import Generator
+from pipesd._core import (
+    PROTOCOL_VERSION,
+    ErrorCode,
+    FrameParser,
+    FrameType,
+    HelloOk,
+    decode_costs,
+    decode_error,
+    decode_hello_ok,
+    encode_costs,
+    encode_error,
+    encode_hello_ok,
+)
+from pipesd.link import Link
+
+PROMPT = "def is_prime(n):\n"
+
+
+def test_cost_table_round_trips_through_the_codec() -> None:
+    ok = decode_hello_ok(encode_hello_ok(HelloOk(7, "m", 4096, [58.0, 129.5, 143.0])))
+    assert (ok.session, ok.max_ctx) == (7, 4096)
+    assert ok.verify_ms == [58.0, 129.5, 143.0]
+    assert decode_hello_ok(encode_hello_ok(HelloOk(7, "m", 4096))).verify_ms == []
+    assert decode_costs(encode_costs([1.0, 2.5])) == [1.0, 2.5]
+
+
+def test_hello_ok_carries_the_calibrated_table_and_costs_refresh_it(
+    smollm_path: Path, mild_draft: Path, tmp_path: Path
+) -> None:
+    with (
+        CloudProcess(smollm_path, tmp_path / "cloud.log") as cloud,
+        Generator(draft=str(mild_draft), cloud=cloud.address, n_ctx=1024) as gen,
+    ):
+        assert gen.cloud is not None
+        table = gen.cloud.pass_costs()
+        assert len(table) == 32 and all(v > 0 for v in table)
+        stored = [json.loads(p.read_text()) for p in
+                      (Path.home() / ".cache/pipesd/costs").glob("*.json")]  # fmt: skip
+        calibrated = next(d["verify_s"] for d in stored
+                              if d.get("model") == str(smollm_path)
+                              and d.get("backend") == "llama.cpp")  # fmt: skip
+        assert all(abs(a - b) <= 1e-6 * max(1.0, b) for a, b in
+                       zip(table, calibrated, strict=True))  # fmt: skip
+    with (
+        CloudProcess(smollm_path, tmp_path / "nocal.log", args=("--no-calibrate",)) as cloud,
+        Generator(draft=str(mild_draft), cloud=cloud.address, n_ctx=1024) as gen,
+    ):
+        assert gen.cloud is not None and gen.cloud.pass_costs() == []
+        res = gen.generate(PROMPT, max_new_tokens=24, policy="vanilla", draft_len=3)
+        assert res.stats.verifications > 0
+        # The passes served taught the cloud a curve, which it sent in COSTS frames.
+        assert gen.cloud.costs_updates >= 1
+        table = gen.cloud.pass_costs()
+        assert len(table) == 32 and table[3] > 0  # passes of 4: 3 drafts and the last
+
+
+def test_a_version_1_edge_is_refused_with_one_line(smollm_path: Path, tmp_path: Path) -> None:
+    with CloudProcess(smollm_path, tmp_path / "cloud.log", args=("--no-calibrate",)) as cloud:
+        sock = socket.create_connection(("127.0.0.1", cloud.port), timeout=30)
+        sock.sendall(struct.pack("<IHHIQQI", 0x31445350, 1, 1, 0, 0, 0, 0))
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+        sock.close()
+        parser = FrameParser()
+        parser.feed(data)
+        frame = parser.next()
+        assert frame is not None and frame.type == FrameType.ERROR
+        err = decode_error(frame.payload)
+        assert err.code == int(ErrorCode.BAD_VERSION.value)
+        assert f"unsupported protocol version 1, expected {PROTOCOL_VERSION}" in err.message
+        assert cloud.alive()
+    assert "unsupported protocol version 1" in cloud.log()
+
+
+def test_a_version_1_cloud_is_refused_with_one_line(mild_draft: Path) -> None:
+    """A peer answering in version 1 (a fake cloud in this test: it answers any connection
+    with a version-1 ERROR frame) gives the edge one clear line, no retries, exit 2."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    port = server.getsockname()[1]
+    payload = encode_error_v1()
+
+    def serve() -> None:
+        for _ in range(2):
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            conn.recv(65536)
+            conn.sendall(struct.pack("<IHHIQQI", 0x31445350, 1, 8, 0, 0, 0, len(payload))
+                         + payload)  # fmt: skip
+            conn.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        proc = run_cli("generate", "--cloud", f"127.0.0.1:{port}", "--draft", str(mild_draft),
+                       "--max-new-tokens", "4", "x")  # fmt: skip
+        assert_one_error_line(proc, "speaks another protocol version")
+        assert "version 1" in proc.stderr
+    finally:
+        server.close()
+        t.join(timeout=10)
+
+
+def encode_error_v1() -> bytes:
+    from pipesd._core import WireError
+
+    return encode_error(WireError(ErrorCode.BAD_VERSION, "unsupported protocol version 2"))
+
+
+def test_auto_through_cloud_and_link_is_lossless(smollm_path: Path, mild_draft: Path,
+                                                 tmp_path: Path) -> None:  # fmt: skip
+    """Through a real cloud and the emulated 5G link, ``auto`` (whatever it chooses) gives the
+    target's output; with the curve unknown it speculates and learns it from the verdicts."""
+    for args in ((), ("--no-calibrate",)):
+        with (
+            CloudProcess(smollm_path, tmp_path / "c.log", args=args) as cloud,
+            Link(("127.0.0.1", cloud.port), "paper-5g") as link,
+            Generator(draft=str(mild_draft), cloud=f"127.0.0.1:{link.port}", n_ctx=1024) as gen,
+        ):
+            # auto first: without calibration the cloud has served no pass yet.
+            res = gen.generate(PROMPT, max_new_tokens=32)
+            ref = gen.generate(PROMPT, max_new_tokens=32, policy="target-only")
+        assert res.stats.policy == "auto"
+        if args:
+            assert res.stats.verifications > 0
+            assert_same_or_tie(smollm_path, PROMPT, ref.tokens, res.tokens)
+        else:
+            assert res.stats.alone_tokens > 0
+            assert res.tokens == ref.tokens  # the target alone: the very same passes
