@@ -226,7 +226,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(
         f"R1 = {th.r1:.4f}, R2 = {th.r2:.4f}: {result.ms_per_token:.1f} ms/token on "
         f"{args.workload} (tuning split), {args.scenario}; optimiser {result.tuner_s:.2f} s of "
-        f"{result.wall_s:.0f} s; written to {path}"
+        f"{result.wall_s:.0f} s; written to {path} (acceptance calibration for auto: "
+        f"{path.with_name('acceptance.json')})"
     )
     return 0
 

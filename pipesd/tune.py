@@ -28,6 +28,7 @@ from typing import Any
 
 from pipesd import models, workloads
 from pipesd.errors import PipesdError
+from pipesd.policies.calibration import AcceptanceModel, calibration_policy
 from pipesd.policies.pipesd import PipeSDPolicy, Thresholds, default_thresholds_path
 
 #: Thresholds are searched inside this box (both ends excluded by Thresholds).
@@ -179,8 +180,13 @@ def measure(gen: Any, prompts: Sequence[str], policy_factory: Callable[[], Any],
 def tune(*, scenario: str, workload: str, budget: int = 16, draft: str = models.DEFAULT_DRAFT,
          target: str = models.DEFAULT_TARGET, cloud: str | None = None, ctx: int = 2048,
          max_new_tokens: int = 64, seed: int = 0, progress: bool = True,
-         out: Path | None = None) -> tuple[TuneResult, Path]:  # fmt: skip
-    """Tunes (R1, R2) on the workload's tuning split; writes and returns the thresholds file."""
+         out: Path | None = None,
+         acceptance_out: Path | None = None) -> tuple[TuneResult, Path]:  # fmt: skip
+    """Tunes (R1, R2) on the workload's tuning split; writes and returns the thresholds file.
+
+    It also measures the pair's acceptance by draft confidence on the same split and writes
+    it (``acceptance_out``, default ``acceptance.json`` beside the thresholds file), which
+    ``auto`` starts from."""
     from pipesd.api import Generator
     from pipesd.link import SCENARIOS, Link
 
@@ -207,6 +213,11 @@ def tune(*, scenario: str, workload: str, budget: int = 16, draft: str = models.
                            max_new_tokens=max_new_tokens)  # fmt: skip
 
         result = optimise(objective, budget=budget, seed=seed, progress=progress)
+        # The pair's acceptance by confidence, for `auto`: windows of 8 over the same split.
+        acceptance = AcceptanceModel()
+        measure(gen, prompts, lambda: calibration_policy(acceptance),
+                max_new_tokens=max_new_tokens)  # fmt: skip
+    acceptance.save(acceptance_out or out.with_name("acceptance.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     record = result.to_dict(
         scenario=scenario, workload=workload, split="tune", prompts=len(prompts),

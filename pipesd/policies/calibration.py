@@ -12,7 +12,11 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipesd.cloud.verifier import Verdict
+    from pipesd.edge.drafter import DraftToken
 
 
 def default_acceptance_path() -> Path:
@@ -117,3 +121,27 @@ def resolve_acceptance(value: AcceptanceModel | str | Path | None) -> Acceptance
         return AcceptanceModel.load(path)
     except ValueError:
         return None  # a damaged default is ignored; an explicit file is an error
+
+
+def calibration_policy(model: AcceptanceModel, draft_len: int = 8) -> Any:
+    """A stop-and-wait policy of ``draft_len`` drafts that teaches ``model`` every verdict:
+    what ``pipesd tune`` runs over the tuning split to write the pair's calibration."""
+    from pipesd.policies.base import FixedLengthPolicy
+
+    class Calibrating(FixedLengthPolicy):
+        name = "calibrate"
+
+        def __init__(self) -> None:
+            super().__init__(draft_len)
+            self.window: list[float] = []
+
+        def should_verify(self, pending: int, last: DraftToken) -> bool:
+            del self.window[pending - 1 :]
+            self.window.append(last.confidence)
+            return super().should_verify(pending, last)
+
+        def on_verdict(self, verdict: Verdict) -> None:
+            model.update(self.window[: verdict.drafted], verdict.accepted)
+            self.window = []
+
+    return Calibrating()

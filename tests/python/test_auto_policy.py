@@ -5,6 +5,7 @@ costs say speculation cannot pay."""
 from __future__ import annotations
 
 import itertools
+import json
 import random
 from pathlib import Path
 
@@ -197,3 +198,27 @@ def test_first_token_comes_from_the_prefill(smollm_path: Path, mild_draft: Path)
             rest = list(itertools.chain([first], stream))
             assert len([e for e in rest if e.token >= 0]) == 8
             assert stream.result.stats.prefill_s > 0
+
+
+def test_tune_writes_the_acceptance_calibration(smollm_path: Path, mild_draft: Path,
+                                                tmp_path: Path) -> None:  # fmt: skip
+    from test_cli_errors import run_cli
+
+    prompts = ["def add(a, b):\n", "def sub(a, b):\n", "for i in range(10):\n",
+               "class Point:\n"]  # fmt: skip
+    workload = tmp_path / "w.jsonl"
+    workload.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    proc = run_cli("tune", "--scenario", "lan", "--workload", str(workload), "--budget", "2",
+                   "--max-new-tokens", "12", "--draft", str(mild_draft), "--target",
+                   str(smollm_path), "--out", str(tmp_path / "th.json"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "acceptance.json" in proc.stdout
+    model = AcceptanceModel.load(tmp_path / "acceptance.json")
+    rate = model.mean_rate()
+    assert model.observations >= 4 and rate is not None and 0.0 < rate <= 1.0
+    with Generator(draft=str(mild_draft), target=str(smollm_path), n_ctx=512,
+                   acceptance=tmp_path / "acceptance.json") as gen:  # fmt: skip
+        assert gen.acceptance is not None
+        assert gen.acceptance.to_dict() == model.to_dict()
+        res = gen.generate(prompts[0], max_new_tokens=8)
+        assert res.stats.policy == "auto"
