@@ -21,8 +21,11 @@ Parts (--parts, comma-separated; default all):
                1, this edge on core 0)
 
 bare, target-only and cloud decode --tokens tokens after the prompt and count the time per token
-after the first output token (``(wall - TTFT) / (tokens - 1)``); their repeats are interleaved,
-so the ratios compare runs made under the same load.
+after the first output token (``(wall - TTFT) / (tokens - 1)``), --path-repeats times. Their
+repeats are interleaved (bare, local, cloud, bare, ...) and each ratio is the median of the
+per-repeat ratios, so it compares runs made back to back: this VM's speed drifts by 10-30%
+over seconds (the same loop, alone on an idle machine), and an F16 target, bound by memory
+bandwidth, slows by half when the other core streams memory.
 
 Targets (--targets, comma-separated; default all that exist):
 
@@ -297,11 +300,13 @@ def bench_paths(
         if name in made:
             out[f"{key}_tokens"] = made[name]
     out["tokens"] = tokens
-    ref = out.get("bare_ms_per_token")
-    if ref:
-        for key in ("target_only", "cloud"):
-            if f"{key}_ms_per_token" in out:
-                out[f"{key}_vs_bare"] = out[f"{key}_ms_per_token"] / ref
+    if "bare" in samples:
+        # Each repeat ran the paths back to back: the median of the per-repeat ratios cancels
+        # the drift of this machine's speed between repeats (often 10-30% on this VM).
+        for name, key in (("target-only", "target_only"), ("cloud", "cloud")):
+            if name in samples:
+                pairs = zip(samples[name], samples["bare"], strict=True)
+                out[f"{key}_vs_bare"] = statistics.median(a / b for a, b in pairs)
     return out
 
 
@@ -356,6 +361,7 @@ def run(
     tokens: int,
     n_ctx: int,
     fresh: bool,
+    path_repeats: int,
 ) -> dict[str, Any]:
     prompt_text = humaneval_prompts()[0]
     out_file = out_dir / "components.json"
@@ -364,7 +370,9 @@ def run(
         with contextlib.suppress(ValueError):
             result = json.loads(out_file.read_text())
     result.setdefault("targets", {})
-    result.update(machine=machine(), repeats=repeats, threads=1, n_ctx=n_ctx)
+    result.update(
+        machine=machine(), repeats=repeats, path_repeats=path_repeats, threads=1, n_ctx=n_ctx
+    )
     with contextlib.suppress(ImportError):
         import torch
 
@@ -426,7 +434,7 @@ def run(
                     prompt_text=prompt_text,
                     parts=path_parts,
                     tokens=tokens,
-                    repeats=repeats,
+                    repeats=path_repeats,
                     n_ctx=n_ctx,
                 )
             )
@@ -498,8 +506,12 @@ def table_markdown(r: dict[str, Any]) -> str:
     if paths:
         lines += [
             "",
-            "Target-only against a bare loop, ms per token after the first output token "
-            "(repeats interleaved):",
+            "Target-only against a bare loop: ms per token after the first output token, median "
+            f"of {r.get('path_repeats', r['repeats'])} repeats run back to back (bare, local, "
+            "cloud, bare, ...); ratio: the median of the per-repeat ratios to the bare loop. "
+            "Bare: one-token `llama_cpp.llama_decode` calls with llama.cpp's default settings "
+            "and greedy argmax, no pipesd code; cloud: `pipesd cloud` on core 1, the edge on "
+            "core 0.",
             "",
             "| target | bare `llama_decode` loop | target-only, local | ratio | "
             "target-only, through `pipesd cloud` | ratio | tokens |",
@@ -572,6 +584,12 @@ def parse_list(choices: Sequence[str]) -> Any:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument(
+        "--path-repeats",
+        type=int,
+        default=9,
+        help="repeats of bare / target-only / cloud (default 9; ratios need more than speeds)",
+    )
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("out"))
     ap.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
     ap.add_argument(
@@ -628,6 +646,7 @@ def main() -> None:
         tokens=args.tokens,
         n_ctx=args.ctx,
         fresh=args.fresh,
+        path_repeats=args.path_repeats,
     )
     table = Table(title="PipeSD components (ms)")
     table.add_column("what")

@@ -6,6 +6,8 @@ and its plots into bench/figures/.
 
     .venv/bin/python bench/bench_matrix.py --prompts 1 --max-new-tokens 32
     .venv/bin/python bench/bench_matrix.py --write-only    # the block again from a finished run
+    .venv/bin/python bench/bench_matrix.py --policies auto,target-only,pipesd --scenarios s1 \
+        --target qwen2.5-coder-1.5b-f16 --block matrix-f16 --out bench/out/matrix-f16
 """
 
 from __future__ import annotations
@@ -29,11 +31,19 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--out", type=Path, default=HERE / "out" / "matrix")
     ap.add_argument("--write-only", action="store_true")
+    ap.add_argument("--policies", default="all", help="as pipesd bench --policies")
+    ap.add_argument("--scenarios", default="all", help="as pipesd bench --scenarios")
+    ap.add_argument("--target", default=None, help="target model (default: the default pair's)")
+    ap.add_argument("--block", default="matrix", help="the RESULTS.md block to write")
+    ap.add_argument("--title", default="## Benchmark matrix (pipesd bench)")
     args = ap.parse_args()
-    cmd = [sys.executable, "-m", "pipesd.cli", "bench", "--policies", "all", "--scenarios",
-           "all", "--workload", f"humaneval:{args.prompts},gsm8k:{args.prompts}",
+    cmd = [sys.executable, "-m", "pipesd.cli", "bench", "--policies", args.policies,
+           "--scenarios", args.scenarios, "--workload",
+           f"humaneval:{args.prompts},gsm8k:{args.prompts}",
            "--max-new-tokens", str(args.max_new_tokens), "--thresholds", str(THRESHOLDS),
            "--out", str(args.out)]  # fmt: skip
+    if args.target:
+        cmd += ["--target", args.target]
     info = machine()
     meta_path = args.out / "matrix-meta.json"
     if not args.write_only:
@@ -45,7 +55,7 @@ def main() -> None:
         subprocess.run([*cmd, "--report-only"], check=True)
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {"machine": info}
     m = meta["machine"]
-    figures = HERE / "figures"
+    figures = HERE / "figures" if args.block == "matrix" else HERE / "figures" / args.block
     figures.mkdir(exist_ok=True)
     for png in ("time_per_token.png", "energy_per_token.png", "timeline.png"):
         if (args.out / png).is_file():
@@ -58,13 +68,16 @@ def main() -> None:
         f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}; commit "
         f"{commit_label(m)}, {m['date']}. Edge worker (draft, llama.cpp, 1 thread) and the link "
         "emulator pinned to core 0, `pipesd cloud` (target, llama.cpp, 1 thread) pinned to "
-        "core 1. Command: `.venv/bin/python bench/bench_matrix.py --prompts "
-        f"{args.prompts} --max-new-tokens {args.max_new_tokens}` (which runs `pipesd bench "
-        f"--policies all --scenarios all --workload humaneval:{args.prompts},gsm8k:"
-        f"{args.prompts} --max-new-tokens {args.max_new_tokens}`).",
+        "core 1. Command: `.venv/bin/python bench/bench_matrix.py "
+        + " ".join(sys.argv[1:])
+        + f"` (which runs `pipesd bench --policies {args.policies} --scenarios "
+        f"{args.scenarios} --workload humaneval:{args.prompts},gsm8k:{args.prompts} "
+        f"--max-new-tokens {args.max_new_tokens}"
+        + (f" --target {args.target}" if args.target else "")
+        + "`).",
         "",
         f"Sizes: {args.prompts} prompt(s) of each workload's report split (the first half of "
-        f"the set) x {args.max_new_tokens} new tokens, every policy x every scenario, one run "
+        f"the set) x {args.max_new_tokens} new tokens, each policy x scenario, one run "
         "each after a per-worker warm-up"
         + (f"; the whole matrix took {elapsed / 60:.0f} min" if elapsed else "")
         + ". PipeSD used thresholds tuned on the HumanEval tuning split in `paper-5g` "
@@ -77,7 +90,9 @@ def main() -> None:
         "",
         "",
     ]
-    write_block("matrix", "## Benchmark matrix (pipesd bench)", "\n".join(head) + md)
+    links = "figures" if args.block == "matrix" else f"figures/{args.block}"
+    text = "\n".join(head).replace("(figures/", f"({links}/") + md
+    write_block(args.block, args.title, text)
 
 
 if __name__ == "__main__":

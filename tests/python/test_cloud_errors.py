@@ -53,14 +53,18 @@ class Raw:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
         self.parser = FrameParser()
         self.eof = False
+        self.costs_frames = 0
 
     def send(self, data: bytes | Frame) -> None:
         self.sock.sendall(data.encode() if isinstance(data, Frame) else data)
 
     def frame(self) -> Frame | None:
-        """The next frame, or None at end of stream."""
+        """The next frame (COSTS notices skipped), or None at end of stream."""
         while True:
             f = self.parser.next()
+            if f is not None and f.type == FrameType.COSTS:
+                self.costs_frames += 1
+                continue
             if f is not None:
                 return f
             if self.eof:
