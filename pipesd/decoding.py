@@ -25,6 +25,9 @@ from pipesd.sampling import SamplingParams, SparseDist
 
 #: Prompt tokens the drafter evaluates between two looks for the cloud's first token.
 PREFILL_CHUNK = 32
+#: While the target decodes alone, the edge's catch-up per token takes at most this share of
+#: one target step.
+SHADOW_SHARE = 0.7
 
 
 @dataclass(frozen=True)
@@ -656,7 +659,17 @@ class SpecDecoder:
         if not self.policy.wants_shadow():
             return
         t0 = time.perf_counter()
-        self._guess = self.drafter.guess(ledger)
+        behind = ledger.committed_len - 1 - self.drafter.model.kv_len
+        if behind > 0:
+            # Catch up first (the prompt's rest, if the first token came before the drafter
+            # had evaluated it), a few tokens per step so that the stream never waits.
+            costs, prefill_s = self.link.pass_costs(), self.drafter.costs[1]
+            step = PREFILL_CHUNK
+            if costs and prefill_s > 0:
+                step = max(1, int(SHADOW_SHARE * costs[0] / prefill_s))
+            self.drafter.prefill(ledger, max_tokens=step)
+        else:
+            self._guess = self.drafter.guess(ledger)
         stats.shadow_s += time.perf_counter() - t0
 
     def _await_verdict(self, ledger: SpeculationLedger, stats: GenerationStats) -> Verdict:
