@@ -155,6 +155,12 @@ def measure_curve(
     return out
 
 
+def _is_temporary(path: Path) -> bool:
+    import tempfile
+
+    return path.resolve().is_relative_to(Path(tempfile.gettempdir()).resolve())
+
+
 def calibration_key(path: Path, *, backend: str, device: str, threads: int | None) -> str:
     """Identifies a calibration: the model file (path, size, mtime) and how it runs."""
     st = path.stat()
@@ -193,6 +199,8 @@ def cached_calibration(
         log.warning("ignoring unreadable calibration %s; measuring again", store)
     t0 = time.perf_counter()
     table = measure_curve(target, vocab_size, progress=progress)
+    if _is_temporary(path):  # a scratch model: keep nothing
+        return table
     if progress:
         print(
             f"pipesd: calibrated the verification cost of passes of 1..{len(table)} tokens in "
@@ -237,6 +245,8 @@ def cached_draft_costs(model: _Target, vocab_size: int, *, path: Path,
     """``measure_draft`` once per draft file and thread count (``$PIPESD_HOME/costs``)."""
     from pipesd.models import pipesd_home
 
+    if _is_temporary(path):  # a scratch model: measure, keep nothing
+        return measure_draft(model, vocab_size)
     key = calibration_key(path, backend="draft", device="cpu", threads=threads)
     store = pipesd_home() / "costs" / f"{key}.json"
     try:

@@ -20,16 +20,19 @@ let the target decode alone. docs/policies.md states the rule; the symbols here 
     rate(n) = E(n) / T(n);   rate_alone = 1 / V(1) (the target decoding alone, streamed)
 
 After the k-th draft, n* = argmax over n in [k, N_max] of rate(n), with a_i known for i <= k
-and a_bar beyond: verify now iff n* = k. Costs are not monotone in n (a staircase), so every n
-is evaluated, not just the next one. Between windows, if max over n >= 1 of rate(n) (a_bar
-everywhere) is below rate_alone, the target decodes alone for a block of tokens and the rule
-is asked again. Speculating pays when  c * behind + B / max rate(n) < B / rate_alone  over the
-B tokens still to produce, where c * behind is the drafter catching up on the tokens it has
-not seen (the prompt, in local mode; the tokens decoded alone). Through a network the idle
-edge guesses each token decoded alone with the drafter (when a guess is quicker than the
-cloud's step), which keeps it caught up and a_bar fresh for free; otherwise one probe window
-refreshes a_bar after each block, provided speculation would pay at a_bar + 0.15, and the
-block doubles (8 .. 64 tokens) while probes keep confirming.
+and a_bar beyond: verify now iff n* = k. If even rate(n*) is below rate_alone, the window
+closes now, nothing is drafted during its verification, and the next window's start decides
+anew. Costs are not monotone in n (a staircase), so every n is evaluated, not just the next.
+
+Between windows, with B tokens still to produce, speculating pays when
+c * behind + B / max_n rate(n) < B / rate_alone (a_bar everywhere), where c * behind is the
+drafter catching up on the tokens it has not seen (the prompt in local mode, the tokens
+decoded alone). Otherwise the target decodes alone for a block of tokens and the rule is
+asked again; coming back from the target alone needs a predicted gain of 10% (no flapping on
+noise). Through a network the idle edge guesses each token decoded alone with the drafter
+(when a guess is quicker than the cloud's step), which keeps it caught up and a_bar fresh for
+free; otherwise one probe window refreshes a_bar after each block, provided speculation would
+pay at a_bar + 0.15, and the block doubles (8 .. 64 tokens) while probes keep confirming.
 
 The pipeline is PipeSD's: the DP plans how the window is streamed and the edge drafts during
 verification.
@@ -52,6 +55,8 @@ MAX_WINDOW = 31
 MIN_BLOCK, MAX_BLOCK = 8, 64
 #: a_bar before any draft of the session was seen (no calibration file).
 DEFAULT_ACCEPTANCE = 0.75
+#: Leaving the target alone for speculation needs a predicted gain of this factor.
+SWITCH_MARGIN = 1.1
 #: A probe window is run only if speculation would pay at a_bar + OPTIMISM.
 OPTIMISM = 0.15
 #: The edge guesses alone tokens only while a guess costs less than this share of V(1).
@@ -139,6 +144,8 @@ class AutoPolicy(PipeSDPolicy):
         wait_drafts: int = 16,
         ewma: float = 0.1,
     ) -> None:
+        self._leaving = False  # speculation stops at the next verdict
+        self._wait_limit = wait_drafts
         super().__init__(name="auto", trigger="fixed", fixed_len=fallback_len,
                          max_window=max_window, wait_drafts=wait_drafts)  # fmt: skip
         self.acceptance = acceptance.copy() if acceptance is not None else AcceptanceModel()
@@ -209,8 +216,21 @@ class AutoPolicy(PipeSDPolicy):
         if model is None:
             return pending >= self.fallback_len
         self.decisions += 1
-        n_best, _ = best_window(self._probs[:pending], self.future, model, self.max_window)
+        n_best, rate = best_window(self._probs[:pending], self.future, model, self.max_window)
+        if rate < alone_rate(model):
+            # These drafts say speculation no longer pays: close the window now, draft nothing
+            # during its verification, and let the rule choose at the next window's start.
+            self._leaving = True
+            return True
         return n_best <= pending
+
+    @property
+    def wait_drafts(self) -> int:  # type: ignore[override]
+        return 0 if self._leaving else self._wait_limit
+
+    @wait_drafts.setter
+    def wait_drafts(self, value: int) -> None:
+        self._wait_limit = value
 
     def on_submit(self, count: int) -> None:
         self._submitted = self._conf[:count]
@@ -242,6 +262,7 @@ class AutoPolicy(PipeSDPolicy):
         self._shadowed = True
 
     def decode_alone(self, *, budget: int, behind: int) -> int:
+        self._leaving = False
         model = self.cycle_model()
         if model is None or budget < 2:
             return 0
@@ -251,7 +272,9 @@ class AutoPolicy(PipeSDPolicy):
 
         def pays(acceptance: float) -> bool:
             _, spec = best_window([], acceptance, model, self.max_window)
-            return spec > 0 and catch_up + budget / spec < budget / alone
+            # Back from the target alone only by a margin, so that noise cannot flap it.
+            margin = SWITCH_MARGIN if self.alone_blocks else 1.0
+            return spec > 0 and catch_up + budget / spec < budget / alone / margin
 
         if pays(self.future):
             self.block, self._probe_next = MIN_BLOCK, False
