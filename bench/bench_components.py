@@ -51,7 +51,7 @@ import json
 import os
 import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -209,16 +209,11 @@ class BareLlama:
         self.lc.llama_model_free(self.model)
 
 
-@contextlib.contextmanager
-def _quiet_fd2() -> Iterator[None]:
-    fd = os.dup(2)
-    try:
-        with open(os.devnull, "wb") as null:
-            os.dup2(null.fileno(), 2)
-        yield
-    finally:
-        os.dup2(fd, 2)
-        os.close(fd)
+def _quiet_fd2() -> Any:
+    """llama.cpp's C-level logging silenced (pipesd's own helper)."""
+    from pipesd.llama_backend import _quiet_stderr
+
+    return _quiet_stderr()
 
 
 def _per_token_after_first(stats: Any) -> float:
