@@ -1,4 +1,5 @@
 // Bindings of the wire format and the TCP endpoint: conversion, GIL release, nothing else.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -43,6 +44,7 @@ py::dict StatsDict(const EndpointStats& s) {
 void bind_transport(py::module_& m) {
   m.attr("PROTOCOL_VERSION") = kProtocolVersion;
   m.attr("DEFAULT_MAX_PAYLOAD") = kDefaultMaxPayload;
+  m.attr("MAX_PING_PAYLOAD") = kMaxPingPayload;
   m.attr("FLAG_VERIFY") = kFlagVerify;
   m.attr("FLAG_HAS_DIST") = kFlagHasDist;
 
@@ -68,7 +70,9 @@ void bind_transport(py::module_& m) {
       .value("STALE_EPOCH", ErrorCode::kStaleEpoch)
       .value("TOO_LONG", ErrorCode::kTooLong)
       .value("INTERNAL", ErrorCode::kInternal)
-      .value("BUSY", ErrorCode::kBusy);
+      .value("BUSY", ErrorCode::kBusy)
+      .value("TIMEOUT", ErrorCode::kTimeout)
+      .value("OVERLOADED", ErrorCode::kOverloaded);
 
   py::class_<Frame>(m, "Frame", "One frame: header fields and the raw payload.")
       .def(py::init([](FrameType type, uint64_t session, uint64_t epoch, const py::bytes& payload,
@@ -112,7 +116,11 @@ void bind_transport(py::module_& m) {
                           kProtocolVersion, kProtocolVersion};
            }),
            py::arg("auth_token") = "", py::arg("vocab_size") = 0, py::arg("tokenizer_hash") = "")
-      .def_readwrite("auth_token", &Hello::auth_token)
+      // Opaque bytes on the wire: read back as bytes, so a token that is not UTF-8 still
+      // reaches the comparison (and fails it) instead of failing to convert.
+      .def_property(
+          "auth_token", [](const Hello& h) { return py::bytes(h.auth_token); },
+          [](Hello& h, std::string v) { h.auth_token = std::move(v); })
       .def_readwrite("vocab_size", &Hello::vocab_size)
       .def_readwrite("tokenizer_hash", &Hello::tokenizer_hash)
       .def_readwrite("min_version", &Hello::min_version)
@@ -120,15 +128,18 @@ void bind_transport(py::module_& m) {
 
   py::class_<HelloOk>(m, "HelloOk")
       .def(py::init([](uint64_t session, std::string fingerprint, uint32_t max_ctx,
-                       std::vector<float> verify_ms) {
-             return HelloOk{session, std::move(fingerprint), max_ctx,
-                            CostTable{std::move(verify_ms)}};
+                       std::vector<float> verify_ms, uint32_t max_window, uint32_t max_dist) {
+             return HelloOk{session,  std::move(fingerprint),         max_ctx, max_window,
+                            max_dist, CostTable{std::move(verify_ms)}};
            }),
            py::arg("session") = 0, py::arg("model_fingerprint") = "", py::arg("max_ctx") = 0,
-           py::arg("verify_ms") = std::vector<float>{})
+           py::arg("verify_ms") = std::vector<float>{}, py::arg("max_window") = 0,
+           py::arg("max_dist") = 0)
       .def_readwrite("session", &HelloOk::session)
       .def_readwrite("model_fingerprint", &HelloOk::model_fingerprint)
       .def_readwrite("max_ctx", &HelloOk::max_ctx)
+      .def_readwrite("max_window", &HelloOk::max_window)
+      .def_readwrite("max_dist", &HelloOk::max_dist)
       .def_property(
           "verify_ms", [](const HelloOk& h) { return h.costs.verify_ms; },
           [](HelloOk& h, std::vector<float> v) { h.costs.verify_ms = std::move(v); });
@@ -152,7 +163,15 @@ void bind_transport(py::module_& m) {
            }),
            py::arg("ids"), py::arg("probs"))
       .def_readwrite("ids", &SparseDist::ids)
-      .def_readwrite("probs", &SparseDist::probs);
+      .def_readwrite("probs", &SparseDist::probs)
+      // Copies straight into NumPy: no Python int or float per entry.
+      .def("ids_array",
+           [](const SparseDist& d) {
+             return py::array_t<int32_t>(static_cast<py::ssize_t>(d.ids.size()), d.ids.data());
+           })
+      .def("probs_array", [](const SparseDist& d) {
+        return py::array_t<float>(static_cast<py::ssize_t>(d.probs.size()), d.probs.data());
+      });
 
   py::class_<Draft>(m, "Draft")
       .def(py::init([](uint64_t start, std::vector<int32_t> tokens, std::vector<SparseDist> dists) {
@@ -210,13 +229,34 @@ void bind_transport(py::module_& m) {
   m.def("encode_error", [](const Error& x) { return ToBytes(EncodeError(x)); });
   m.def("decode_error", [](const py::bytes& b) { return DecodeError(ToVector(b)); });
 
+  py::class_<ByteBudget, std::shared_ptr<ByteBudget>>(
+      m, "ByteBudget", "Bytes that the rings of many endpoints may hold together.")
+      .def(py::init<size_t>(), py::arg("limit"))
+      .def_property_readonly("used", &ByteBudget::used)
+      .def_property_readonly("limit", &ByteBudget::limit);
+
+  const EndpointOptions defaults;
   py::class_<EndpointOptions>(m, "EndpointOptions")
       .def(py::init([](size_t send_ring, size_t recv_ring, uint32_t max_payload,
-                       int connect_timeout_ms) {
-             return EndpointOptions{send_ring, recv_ring, max_payload, connect_timeout_ms};
+                       int connect_timeout_ms, size_t send_bytes, size_t recv_bytes,
+                       std::shared_ptr<ByteBudget> shared_budget) {
+             EndpointOptions o;
+             o.send_ring = send_ring;
+             o.recv_ring = recv_ring;
+             o.max_payload = max_payload;
+             o.connect_timeout_ms = connect_timeout_ms;
+             o.send_bytes = send_bytes;
+             o.recv_bytes = recv_bytes;
+             o.shared_budget = std::move(shared_budget);
+             return o;
            }),
            py::arg("send_ring") = 1024, py::arg("recv_ring") = 1024,
-           py::arg("max_payload") = kDefaultMaxPayload, py::arg("connect_timeout_ms") = 5000)
+           py::arg("max_payload") = kDefaultMaxPayload, py::arg("connect_timeout_ms") = 5000,
+           py::arg("send_bytes") = defaults.send_bytes, py::arg("recv_bytes") = defaults.recv_bytes,
+           py::arg("shared_budget") = nullptr)
+      .def_readwrite("send_bytes", &EndpointOptions::send_bytes)
+      .def_readwrite("recv_bytes", &EndpointOptions::recv_bytes)
+      .def_readwrite("shared_budget", &EndpointOptions::shared_budget)
       .def_readwrite("send_ring", &EndpointOptions::send_ring)
       .def_readwrite("recv_ring", &EndpointOptions::recv_ring)
       .def_readwrite("max_payload", &EndpointOptions::max_payload)
@@ -240,6 +280,10 @@ void bind_transport(py::module_& m) {
       .def("drain_wake", &FrameEndpoint::DrainWake)
       .def("flush", &FrameEndpoint::Flush, py::arg("timeout_ms"),
            py::call_guard<py::gil_scoped_release>())
+      .def("close_after_flush", &FrameEndpoint::CloseAfterFlush, py::arg("timeout_ms"),
+           "Stops reading, sends what is queued (at most timeout_ms), then closes; no wait.")
+      .def_property_readonly("send_queued_bytes", &FrameEndpoint::send_queued_bytes)
+      .def_property_readonly("recv_queued_bytes", &FrameEndpoint::recv_queued_bytes)
       .def_property_readonly("closed", &FrameEndpoint::closed)
       .def_property_readonly(
           "close_reason",

@@ -2,6 +2,9 @@
 
 from collections.abc import Sequence
 
+import numpy as np
+import numpy.typing as npt
+
 class PipesdError(RuntimeError): ...
 class LedgerError(PipesdError): ...
 class ProtocolError(PipesdError): ...
@@ -89,6 +92,7 @@ class SpeculationLedger:
 
 PROTOCOL_VERSION: int
 DEFAULT_MAX_PAYLOAD: int
+MAX_PING_PAYLOAD: int
 FLAG_VERIFY: int
 FLAG_HAS_DIST: int
 
@@ -119,6 +123,8 @@ class ErrorCode:
     TOO_LONG: ErrorCode
     INTERNAL: ErrorCode
     BUSY: ErrorCode
+    TIMEOUT: ErrorCode
+    OVERLOADED: ErrorCode
     @property
     def name(self) -> str: ...
     @property
@@ -153,19 +159,27 @@ class FrameParser:
     def buffered(self) -> int: ...
 
 class Hello:
-    auth_token: str
+    #: Opaque bytes on the wire; read back as bytes (set from str or bytes).
+    @property
+    def auth_token(self) -> bytes: ...
+    @auth_token.setter
+    def auth_token(self, value: str | bytes) -> None: ...
     vocab_size: int
     tokenizer_hash: str
     min_version: int
     max_version: int
     def __init__(
-        self, auth_token: str = "", vocab_size: int = 0, tokenizer_hash: str = ""
+        self, auth_token: str | bytes = "", vocab_size: int = 0, tokenizer_hash: str = ""
     ) -> None: ...
 
 class HelloOk:
     session: int
     model_fingerprint: str
     max_ctx: int
+    #: The most drafts one verification may cover (0: no limit announced).
+    max_window: int
+    #: The most entries one draft distribution may have (0: no limit announced).
+    max_dist: int
     #: The cloud's cost of one verification pass by size: [i] is a pass of i + 1 tokens, in ms.
     verify_ms: list[float]
     def __init__(
@@ -174,6 +188,8 @@ class HelloOk:
         model_fingerprint: str = "",
         max_ctx: int = 0,
         verify_ms: list[float] = ...,
+        max_window: int = 0,
+        max_dist: int = 0,
     ) -> None: ...
 
 class Prefill:
@@ -195,6 +211,8 @@ class WireDist:
     ids: list[int]
     probs: list[float]
     def __init__(self, ids: list[int], probs: list[float]) -> None: ...
+    def ids_array(self) -> npt.NDArray[np.int32]: ...
+    def probs_array(self) -> npt.NDArray[np.float32]: ...
 
 class Draft:
     start: int
@@ -240,17 +258,33 @@ def decode_costs(payload: bytes) -> list[float]: ...
 def encode_error(x: WireError) -> bytes: ...
 def decode_error(payload: bytes) -> WireError: ...
 
+class ByteBudget:
+    """Bytes that the rings of many endpoints may hold together."""
+
+    def __init__(self, limit: int) -> None: ...
+    @property
+    def used(self) -> int: ...
+    @property
+    def limit(self) -> int: ...
+
 class EndpointOptions:
     send_ring: int
     recv_ring: int
     max_payload: int
     connect_timeout_ms: int
+    #: Bytes queued in each ring at most (an empty ring takes any one frame).
+    send_bytes: int
+    recv_bytes: int
+    shared_budget: ByteBudget | None
     def __init__(
         self,
         send_ring: int = 1024,
         recv_ring: int = 1024,
         max_payload: int = ...,
         connect_timeout_ms: int = 5000,
+        send_bytes: int = ...,
+        recv_bytes: int = ...,
+        shared_budget: ByteBudget | None = None,
     ) -> None: ...
 
 class FrameEndpoint:
@@ -266,6 +300,12 @@ class FrameEndpoint:
     def wake_fd(self) -> int: ...
     def drain_wake(self) -> None: ...
     def flush(self, timeout_ms: int) -> bool: ...
+    def close_after_flush(self, timeout_ms: int) -> None:
+        """Stops reading, sends what is queued (at most timeout_ms), then closes; no wait."""
+    @property
+    def send_queued_bytes(self) -> int: ...
+    @property
+    def recv_queued_bytes(self) -> int: ...
     @property
     def closed(self) -> bool: ...
     @property

@@ -9,6 +9,7 @@ import traceback
 from collections.abc import Sequence
 
 from pipesd import link, models
+from pipesd.cloud.server import MiB, ServerLimits
 from pipesd.cloud.targets import BACKENDS
 from pipesd.errors import PipesdError
 from pipesd.policies import POLICIES
@@ -85,6 +86,27 @@ def _add_cloud(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    "the passes served)")  # fmt: skip
     p.add_argument("--ctx", type=int, default=4096, help="context size per session")
     p.add_argument("--target-threads", type=int, default=1)
+    lim = p.add_argument_group("limits (README, Limits)")
+    d = ServerLimits()
+    lim.add_argument("--max-window", type=int, default=d.max_window, metavar="N",
+                     help=f"most drafts one verification covers (default {d.max_window}); "
+                     "announced to edges, which keep their windows within it")  # fmt: skip
+    lim.add_argument("--max-dist", type=int, default=d.max_dist, metavar="N",
+                     help="most entries of one draft distribution in sampled decoding "
+                     f"(default {d.max_dist}); announced to edges")  # fmt: skip
+    lim.add_argument("--hello-timeout", type=float, default=d.hello_timeout, metavar="S",
+                     help=f"seconds a new connection has to say HELLO (default "
+                     f"{d.hello_timeout:g})")  # fmt: skip
+    lim.add_argument("--idle-timeout", type=float, default=d.idle_timeout, metavar="S",
+                     help=f"seconds a session may stay silent (default {d.idle_timeout:g}); "
+                     "the edge reconnects by itself when it needs the cloud again")  # fmt: skip
+    lim.add_argument("--max-pending", type=int, default=d.max_pending, metavar="N",
+                     help=f"connections waiting for HELLO at once (default {d.max_pending}); "
+                     "one more closes the oldest")  # fmt: skip
+    lim.add_argument("--memory-budget", type=int, default=d.memory // MiB, metavar="MIB",
+                     help="MiB of frames all connections may have queued together (default "
+                     f"{d.memory // MiB}); past it the cloud stops reading until it catches "
+                     "up")  # fmt: skip
     p.add_argument("-v", "--verbose", action="store_true", help="log every session event")
 
 
@@ -404,6 +426,14 @@ def cmd_cloud(args: argparse.Namespace) -> int:
         auth_token=token,
         max_sessions=args.max_sessions,
         calibrate=not args.no_calibrate,
+        limits=ServerLimits(
+            max_window=args.max_window,
+            max_dist=args.max_dist,
+            hello_timeout=args.hello_timeout,
+            idle_timeout=args.idle_timeout,
+            max_pending=args.max_pending,
+            memory=args.memory_budget * MiB,
+        ),  # fmt: skip
     )
     return serve_forever(server)
 

@@ -184,6 +184,15 @@ class VerifyLink(Protocol):
     def max_inflight(self) -> int:
         """How many verify requests may be outstanding at once (1: one at a time)."""
 
+    @property
+    def max_window(self) -> int:
+        """The most drafts one verification may cover; 0: no limit. Drafts not yet verified
+        may be at most twice as many."""
+
+    @property
+    def max_dist(self) -> int:
+        """The most entries one draft distribution may have; 0: no limit."""
+
     def pass_costs(self) -> list[float]:
         """The target's cost of one pass of 1, 2, ... tokens in seconds (empty: unknown)."""
 
@@ -242,6 +251,9 @@ class LocalLink:
     def max_inflight(self) -> int:
         return 1
 
+    max_window = 0  # a local target verifies windows of any length
+    max_dist = 0
+
     def pass_costs(self) -> list[float]:
         return self._costs
 
@@ -291,6 +303,8 @@ class SpecDecoder:
         self._prefill_unanswered = False  # target-only streaming: the next verdict is its
         self._alone_left = 0  # tokens the policy wants decoded by the target alone
         self._guess: DraftToken | None = None  # the drafter's guess of the next alone token
+        if drafter is not None and link is not None:
+            drafter.max_dist = link.max_dist
 
     def stream(
         self, prompt: Sequence[int], *, max_new_tokens: int, stats: GenerationStats
@@ -484,6 +498,8 @@ class SpecDecoder:
         self.link.probe()  # between windows the cloud answers at once
         # k drafts yield up to k + 1 tokens: never draft past the budget or the context.
         room = max(0, min(budget - 1, self.n_ctx - ledger.committed_len - 1))
+        if self.link.max_window:
+            room = min(room, self.link.max_window)
         if self.policy is not None:
             pending = ledger.pending_count
             last = self._last
@@ -680,6 +696,7 @@ class SpecDecoder:
         window = ledger.window.count
         made = self._wait_made = 0
         self._wait_fired = False
+        held_max = 2 * self.link.max_window  # drafts the target holds unverified (0: any)
         try:
             while True:
                 waiting = (
@@ -687,6 +704,7 @@ class SpecDecoder:
                     and not self._wait_fired
                     and ledger.committed_len + ledger.pending_count < self.n_ctx - 1
                     and (self._last is None or self._last.token not in self.eog)
+                    and (held_max == 0 or ledger.pending_count < held_max)
                 )
                 verdict = self.link.wait(0.0 if waiting else None)
                 if verdict is not None:

@@ -15,6 +15,7 @@ import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -120,6 +121,14 @@ class LlamaCppModel:
 
     def decode(self, tokens: Sequence[int], *, all_logits: bool) -> npt.NDArray[np.float32]:
         """Evaluates tokens after the cache; returns logits [T, V] (all) or [1, V] (last)."""
+        return self._run(tokens, all_logits, _copy_rows)
+
+    def decode_argmax(self, tokens: Sequence[int], *, all_rows: bool) -> npt.NDArray[np.int64]:
+        """As ``decode``, but only each row's argmax: read in place from llama.cpp's logits
+        buffer, nothing of size T x V copied."""
+        return self._run(tokens, all_rows, _argmax_rows)
+
+    def _run(self, tokens: Sequence[int], all_logits: bool, take: Any) -> Any:
         n = len(tokens)
         if n == 0:
             raise ValueError("decode needs at least one token")
@@ -129,7 +138,7 @@ class LlamaCppModel:
             )
         b = self._batch
         assert b is not None, "model loaded with vocab_only"
-        out: list[npt.NDArray[np.float32]] = []
+        out: list[Any] = []
         for start in range(0, n, self.n_batch):
             chunk = tokens[start : start + self.n_batch]
             last_chunk = start + self.n_batch >= n
@@ -147,15 +156,19 @@ class LlamaCppModel:
             self.kv_len += m
             if all_logits:
                 ptr = self._lc.llama_get_logits(self.llm.ctx)
-                out.append(_copy_rows(ptr, m, self._n_logits))
+                out.append(take(ptr, m, self._n_logits))
             elif last_chunk:
                 ptr = self._lc.llama_get_logits_ith(self.llm.ctx, -1)
-                out.append(_copy_rows(ptr, 1, self._n_logits))
+                out.append(take(ptr, 1, self._n_logits))
         return out[0] if len(out) == 1 else np.concatenate(out, axis=0)
 
 
 def _copy_rows(ptr: ctypes._Pointer, rows: int, cols: int) -> npt.NDArray[np.float32]:  # type: ignore[type-arg]
     return np.ctypeslib.as_array(ptr, shape=(rows, cols)).copy()
+
+
+def _argmax_rows(ptr: ctypes._Pointer, rows: int, cols: int) -> npt.NDArray[np.int64]:  # type: ignore[type-arg]
+    return np.ctypeslib.as_array(ptr, shape=(rows, cols)).argmax(axis=1).astype(np.int64)
 
 
 def tokenizer_fingerprint(texts: Sequence[bytes]) -> str:

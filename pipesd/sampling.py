@@ -59,6 +59,14 @@ class SparseDist:
     def sample(self, rng: np.random.Generator) -> int:
         return int(self.ids[_sample_index(self.probs, rng)])
 
+    def top(self, k: int) -> SparseDist:
+        """The k most probable entries, renormalised (self when it has at most k)."""
+        if self.ids.size <= k:
+            return self
+        keep = np.argsort(-self.probs, kind="stable")[:k]
+        p = self.probs[keep]
+        return SparseDist(self.ids[keep], p / p.sum())
+
 
 def softmax(logits: npt.NDArray[np.floating]) -> npt.NDArray[np.float64]:
     x = logits.astype(np.float64, copy=False)

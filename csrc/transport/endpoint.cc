@@ -98,6 +98,14 @@ AddrInfoPtr Resolve(const std::string& host, uint16_t port, bool passive) {
 
 }  // namespace
 
+bool ByteBudget::TryTake(size_t n) {
+  size_t cur = used_.load(std::memory_order_acquire);
+  for (;;) {
+    if (cur > 0 && (cur + n > limit_ || cur + n < cur)) return false;
+    if (used_.compare_exchange_weak(cur, cur + n, std::memory_order_acq_rel)) return true;
+  }
+}
+
 const char* CloseReasonName(CloseReason reason) {
   switch (reason) {
     case CloseReason::kOpen:
@@ -200,8 +208,23 @@ void FrameEndpoint::Start() {
 
 FrameEndpoint::~FrameEndpoint() {
   Close();
+  // Frames never sent or never taken give their bytes back to the shared budget.
+  if (options_.shared_budget) {
+    options_.shared_budget->Give(send_bytes_.load(std::memory_order_acquire) +
+                                 recv_bytes_.load(std::memory_order_acquire));
+  }
   CloseFd(notify_fd_);
   CloseFd(wake_fd_);
+}
+
+void FrameEndpoint::CloseAfterFlush(int timeout_ms) {
+  if (closed_.load(std::memory_order_acquire) || lingering_.load(std::memory_order_acquire)) {
+    return;
+  }
+  linger_deadline_ns_.store(NowNs() + static_cast<int64_t>(std::max(timeout_ms, 0)) * 1000000,
+                            std::memory_order_release);
+  lingering_.store(true, std::memory_order_seq_cst);
+  Notify();
 }
 
 void FrameEndpoint::Close() {
@@ -224,7 +247,8 @@ void FrameEndpoint::Close() {
 // ---- Producer and consumer
 
 bool FrameEndpoint::Send(Frame&& frame) {
-  if (closed_.load(std::memory_order_acquire) || stop_.load(std::memory_order_relaxed)) {
+  if (closed_.load(std::memory_order_acquire) || stop_.load(std::memory_order_relaxed) ||
+      lingering_.load(std::memory_order_acquire)) {
     return false;
   }
   PIPESD_CHECK(frame.payload.size() <= options_.max_payload, ProtocolError,
@@ -234,11 +258,23 @@ bool FrameEndpoint::Send(Frame&& frame) {
   frame.header.payload_len = static_cast<uint32_t>(frame.payload.size());
   ValidateHeader(frame.header, options_.max_payload);
 
+  const size_t size = kFrameHeaderSize + frame.payload.size();
+  const size_t held = send_bytes_.load(std::memory_order_acquire);
+  ByteBudget* budget = options_.shared_budget.get();
+  if ((held > 0 && held + size > options_.send_bytes) ||
+      (budget != nullptr && !budget->TryTake(size))) {
+    send_rejected_.fetch_add(1, std::memory_order_relaxed);
+    return false;
+  }
+  // Counted before the push: the I/O thread subtracts as soon as it has taken the frame.
+  send_bytes_.fetch_add(size, std::memory_order_acq_rel);
   Queued q;
   q.frame = std::move(frame);
   q.enqueued_ns = NowNs();
   if (!send_ring_.TryPush(std::move(q))) {
     frame = std::move(q.frame);  // TryPush left q untouched: hand the frame back
+    send_bytes_.fetch_sub(size, std::memory_order_acq_rel);
+    if (budget != nullptr) budget->Give(size);
     send_rejected_.fetch_add(1, std::memory_order_relaxed);
     return false;
   }
@@ -253,6 +289,9 @@ bool FrameEndpoint::TryRecv(Frame* out) {
   Queued q;
   if (!recv_ring_.TryPop(&q)) return false;
   AddWait(&recv_wait_total_ns_, &recv_wait_max_ns_, NowNs() - q.enqueued_ns);
+  const size_t size = q.size();
+  recv_bytes_.fetch_sub(size, std::memory_order_acq_rel);
+  if (options_.shared_budget) options_.shared_budget->Give(size);
   *out = std::move(q.frame);
   // Same pattern as Send(): the I/O thread sets recv_stalled_ then rereads recv_popped_.
   recv_popped_.fetch_add(1, std::memory_order_seq_cst);
@@ -324,9 +363,21 @@ void FrameEndpoint::IoLoop() {
   std::string error;
   try {
     while (!stop_.load(std::memory_order_acquire)) {
-      if (have_pending_) DeliverParsed();
+      const bool lingering = lingering_.load(std::memory_order_acquire);
+      if (have_pending_ && !lingering) DeliverParsed();
       const WriteState ws = PumpWrites();
-      const bool want_read = !have_pending_;
+      if (lingering) {
+        const int64_t left_ns = linger_deadline_ns_.load(std::memory_order_acquire) - NowNs();
+        const bool drained =
+            ws == WriteState::kIdle && send_pushed_.load(std::memory_order_seq_cst) == send_popped_;
+        if (drained || left_ns <= 0) {
+          ::shutdown(fd_, SHUT_WR);  // the peer reads what was sent, then the end of stream
+          Finish(CloseReason::kLocal, "");
+          return;
+        }
+      }
+      // A lingering endpoint reads nothing more: it only writes out what is queued.
+      const bool want_read = !have_pending_ && !lingering;
       const bool want_write = ws == WriteState::kBlocked;
 
       int timeout_ms = -1;
@@ -337,9 +388,15 @@ void FrameEndpoint::IoLoop() {
         io_waiting_.store(true, std::memory_order_seq_cst);
         const bool sends =
             ws == WriteState::kIdle && send_pushed_.load(std::memory_order_seq_cst) != send_popped_;
-        if (sends || (have_pending_ && RecvRingHasRoom()) ||
+        if (sends || (have_pending_ && !lingering && RecvRingHasRoom()) ||
             stop_.load(std::memory_order_seq_cst)) {
           timeout_ms = 0;
+        } else if (lingering) {
+          const int64_t left_ms =
+              (linger_deadline_ns_.load(std::memory_order_acquire) - NowNs()) / 1000000 + 1;
+          timeout_ms = static_cast<int>(std::clamp<int64_t>(left_ms, 0, 1000));
+        } else if (have_pending_ && budget_stalled_) {
+          timeout_ms = 10;  // another endpoint frees the shared budget without telling this one
         }
       }
 
@@ -429,6 +486,8 @@ void FrameEndpoint::PullSends() {
     Queued q;
     if (!send_ring_.TryPop(&q)) return;
     ++send_popped_;
+    send_bytes_.fetch_sub(q.size(), std::memory_order_acq_rel);
+    if (options_.shared_budget) options_.shared_budget->Give(q.size());
     out_.emplace_back();
     Outgoing& o = out_.back();
     o.frame = std::move(q.frame);
@@ -484,7 +543,12 @@ bool FrameEndpoint::WriteOnce() {
 }
 
 bool FrameEndpoint::RecvRingHasRoom() const {
-  return recv_pushed_ - recv_popped_.load(std::memory_order_seq_cst) < recv_ring_.Capacity();
+  if (recv_pushed_ - recv_popped_.load(std::memory_order_seq_cst) >= recv_ring_.Capacity()) {
+    return false;
+  }
+  if (!have_pending_) return true;
+  const size_t held = recv_bytes_.load(std::memory_order_seq_cst);
+  return held == 0 || held + pending_.size() <= options_.recv_bytes;
 }
 
 bool FrameEndpoint::DeliverParsed() {
@@ -496,7 +560,25 @@ bool FrameEndpoint::DeliverParsed() {
       pending_.enqueued_ns = NowNs();
       have_pending_ = true;
     }
-    if (!recv_ring_.TryPush(std::move(pending_))) {
+    const size_t size = pending_.size();
+    const size_t held = recv_bytes_.load(std::memory_order_seq_cst);
+    ByteBudget* budget = options_.shared_budget.get();
+    budget_stalled_ = false;
+    bool pushed = false;
+    if (held == 0 || held + size <= options_.recv_bytes) {
+      if (budget != nullptr && !budget->TryTake(size)) {
+        budget_stalled_ = true;
+      } else {
+        // Counted before the push: TryRecv() subtracts as soon as it has the frame.
+        recv_bytes_.fetch_add(size, std::memory_order_seq_cst);
+        pushed = recv_ring_.TryPush(std::move(pending_));
+        if (!pushed) {
+          recv_bytes_.fetch_sub(size, std::memory_order_seq_cst);
+          if (budget != nullptr) budget->Give(size);
+        }
+      }
+    }
+    if (!pushed) {
       // Ask TryRecv() for a Notify(); IoLoop() rechecks the room after this store.
       recv_stalled_.store(true, std::memory_order_seq_cst);
       room = false;

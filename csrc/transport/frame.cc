@@ -117,6 +117,29 @@ class Reader {
   const char* type_;
 };
 
+// Peer bytes as they may appear in an error message: printable ASCII kept, the rest as \xNN,
+// cut after max_bytes.
+std::string Printable(const std::string& s, size_t max_bytes) {
+  static const char kHex[] = "0123456789abcdef";
+  std::string out;
+  for (size_t i = 0; i < s.size() && i < max_bytes; ++i) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    if (c >= 0x20 && c < 0x7F && c != '\\') {
+      out += static_cast<char>(c);
+    } else {
+      out += "\\x";
+      out += kHex[c >> 4];
+      out += kHex[c & 15];
+    }
+  }
+  if (s.size() > max_bytes) out += "...";
+  return out;
+}
+
+void CheckUtf8(const std::string& s, const char* field) {
+  PIPESD_CHECK(IsValidUtf8(s), ProtocolError, field << " is not valid UTF-8");
+}
+
 bool IsHex(const std::string& s) {
   for (char c : s) {
     const bool hex = (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F');
@@ -128,8 +151,9 @@ bool IsHex(const std::string& s) {
 // Checks shared by encoder and decoder: what one side refuses to send, the other refuses to
 // accept, so a round trip never fails on the receiving side only.
 void CheckHello(const Hello& m) {
-  PIPESD_CHECK(IsHex(m.tokenizer_hash), ProtocolError,
-               "HELLO tokenizer_hash must be hex digits, got \"" << m.tokenizer_hash << "\"");
+  PIPESD_CHECK(
+      IsHex(m.tokenizer_hash), ProtocolError,
+      "HELLO tokenizer_hash must be hex digits, got \"" << Printable(m.tokenizer_hash, 64) << "\"");
   PIPESD_CHECK(m.min_version >= 1 && m.min_version <= m.max_version, ProtocolError,
                "HELLO version range [" << m.min_version << ", " << m.max_version
                                        << "] is empty or starts below 1");
@@ -251,6 +275,10 @@ const char* ErrorCodeName(ErrorCode code) {
       return "TOO_LONG";
     case ErrorCode::kInternal:
       return "INTERNAL";
+    case ErrorCode::kTimeout:
+      return "TIMEOUT";
+    case ErrorCode::kOverloaded:
+      return "OVERLOADED";
     case ErrorCode::kBusy:
       return "BUSY";
   }
@@ -304,6 +332,47 @@ void ValidateHeader(const FrameHeader& h, uint32_t max_payload) {
   PIPESD_CHECK(h.payload_len <= max_payload, ProtocolError,
                FrameTypeName(h.type) << " frame announces a payload of " << h.payload_len
                                      << " bytes, limit " << max_payload);
+  PIPESD_CHECK((h.type != FrameType::kPing && h.type != FrameType::kPong) ||
+                   h.payload_len <= kMaxPingPayload,
+               ProtocolError,
+               FrameTypeName(h.type) << " frame announces a payload of " << h.payload_len
+                                     << " bytes, limit " << kMaxPingPayload);
+}
+
+bool IsValidUtf8(const std::string& s) {
+  const auto* p = reinterpret_cast<const unsigned char*>(s.data());
+  const size_t n = s.size();
+  size_t i = 0;
+  while (i < n) {
+    const unsigned char c = p[i];
+    if (c < 0x80) {
+      ++i;
+      continue;
+    }
+    size_t len;
+    uint32_t cp;
+    if (c >= 0xC2 && c <= 0xDF) {
+      len = 2;
+      cp = c & 0x1F;
+    } else if (c >= 0xE0 && c <= 0xEF) {
+      len = 3;
+      cp = c & 0x0F;
+    } else if (c >= 0xF0 && c <= 0xF4) {
+      len = 4;
+      cp = c & 0x07;
+    } else {
+      return false;  // a continuation byte, an overlong lead (C0, C1) or past F4
+    }
+    if (n - i < len) return false;
+    for (size_t k = 1; k < len; ++k) {
+      if ((p[i + k] & 0xC0) != 0x80) return false;
+      cp = (cp << 6) | (p[i + k] & 0x3F);
+    }
+    const uint32_t min = len == 2 ? 0x80 : len == 3 ? 0x800 : 0x10000;
+    if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return false;
+    i += len;
+  }
+  return true;
 }
 
 std::vector<uint8_t> EncodeFrame(const Frame& frame) {
@@ -430,10 +499,13 @@ Hello DecodeHello(const std::vector<uint8_t>& payload) {
 }
 
 std::vector<uint8_t> EncodeHelloOk(const HelloOk& m) {
+  CheckUtf8(m.model_fingerprint, "HELLO_OK model_fingerprint");
   Writer w;
   w.U64(m.session);
   w.Str(m.model_fingerprint, "HELLO_OK model_fingerprint");
   w.U32(m.max_ctx);
+  w.U32(m.max_window);
+  w.U32(m.max_dist);
   WriteCosts(w, m.costs, "HELLO_OK verify_ms");
   return w.Take();
 }
@@ -444,8 +516,11 @@ HelloOk DecodeHelloOk(const std::vector<uint8_t>& payload) {
   m.session = r.U64("session");
   m.model_fingerprint = r.Str("model_fingerprint");
   m.max_ctx = r.U32("max_ctx");
+  m.max_window = r.U32("max_window");
+  m.max_dist = r.U32("max_dist");
   m.costs = ReadCosts(r, "HELLO_OK verify_ms");
   r.End();
+  CheckUtf8(m.model_fingerprint, "HELLO_OK model_fingerprint");
   return m;
 }
 
@@ -560,6 +635,7 @@ CostTable DecodeCosts(const std::vector<uint8_t>& payload) {
 }
 
 std::vector<uint8_t> EncodeError(const Error& m) {
+  CheckUtf8(m.message, "ERROR message");
   Writer w;
   w.U32(m.code);
   w.Str(m.message, "ERROR message");
@@ -572,6 +648,7 @@ Error DecodeError(const std::vector<uint8_t>& payload) {
   m.code = r.U32("code");
   m.message = r.Str("message");
   r.End();
+  CheckUtf8(m.message, "ERROR message");
   return m;
 }
 

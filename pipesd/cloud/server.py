@@ -5,12 +5,21 @@ session with its own target KV cache (docs/protocol.md gives the frames and thei
 Forward passes run on one worker thread, so the loop stays responsive while the target
 computes, and sessions take turns on the model. A session that breaks the protocol gets an
 ERROR frame and its connection closes; no other session notices.
+
+Nothing a client sends can make the server hold unbounded memory or stall the loop: every
+connection's rings are bounded in frames and bytes and all of them share one byte budget
+(``ServerLimits``); nothing on the loop blocks (a client that stops reading is closed, an
+ending connection flushes in its own I/O thread); connections that do not say HELLO in time,
+sessions idle too long, and connections beyond the cap of those waiting for HELLO are closed;
+windows, pending drafts and draft distributions are capped, and the caps are announced in
+HELLO_OK. README "Limits" lists each limit and its option.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hmac
 import ipaddress
 import itertools
@@ -19,8 +28,10 @@ import signal
 import socket
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,7 +39,10 @@ import numpy as np
 
 from pipesd import models
 from pipesd._core import (
+    FLAG_HAS_DIST,
+    FLAG_VERIFY,
     PROTOCOL_VERSION,
+    ByteBudget,
     EndpointOptions,
     ErrorCode,
     Frame,
@@ -38,6 +52,7 @@ from pipesd._core import (
     WireError,
     WireVerdict,
     decode_draft,
+    decode_error,
     decode_hello,
     decode_prefill,
     encode_costs,
@@ -48,7 +63,7 @@ from pipesd._core import (
 from pipesd.cloud.targets import TorchTarget, load_target, pick_backend
 from pipesd.cloud.verifier import TargetBackend, TargetSession, Verdict
 from pipesd.costs import PassCostCurve, cached_calibration, tables_differ
-from pipesd.errors import PipesdError, PromptTooLongError, ProtocolError
+from pipesd.errors import PipesdError, PromptTooLongError, ProtocolError, TransportError
 from pipesd.llama_backend import LlamaCppModel, tokenizer_fingerprint
 from pipesd.netaddr import parse_hostport
 from pipesd.sampling import SamplingParams, SparseDist
@@ -64,6 +79,55 @@ class SessionError(Exception):
     def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class PeerGone(Exception):
+    """The edge closed the connection; what it asked for is dropped."""
+
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one client may cost the server. README "Limits" documents each and its option.
+
+    max_window: drafts one verification may cover (announced in HELLO_OK; the edge keeps its
+        windows within it); a session may hold at most twice as many drafts not yet verified.
+    max_dist: entries in one draft distribution (announced; the edge samples its drafts from
+        distributions cut to that many entries, which keeps sampling exact).
+    hello_timeout: seconds a new connection has to complete HELLO.
+    idle_timeout: seconds a session may send nothing while the cloud owes it nothing.
+    max_pending: connections not yet past HELLO; one more closes the oldest of them.
+    memory: bytes queued in all connections' rings together; past it the server stops reading
+        until sessions catch up (TCP then pushes back on the edges).
+    conn_send_bytes / conn_recv_bytes: bytes queued for / from one connection; a client whose
+        unread replies exceed conn_send_bytes is closed.
+    """
+
+    max_window: int = 64
+    max_dist: int = 4096
+    hello_timeout: float = 10.0
+    idle_timeout: float = 600.0
+    max_pending: int = 64
+    memory: int = 256 * MiB
+    conn_send_bytes: int = 1 * MiB
+    conn_recv_bytes: int = 8 * MiB
+
+    def __post_init__(self) -> None:
+        for name in ("max_window", "max_dist", "max_pending", "memory", "conn_send_bytes",
+                     "conn_recv_bytes"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        for name in ("hello_timeout", "idle_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0")
+
+    def max_payload(self, n_ctx: int) -> int:
+        """The largest frame payload an edge needs: a full window with its distributions, or a
+        prompt filling the context (with room for the fixed fields)."""
+        window = 12 + self.max_window * (4 + 4 + 8 * self.max_dist)
+        return max(64 * 1024, window, 24 + 4 * n_ctx) + 1024
 
 
 def is_loopback(host: str) -> bool:
@@ -129,6 +193,7 @@ class CloudServer:
         auth_token: str | None = None,
         max_sessions: int = 8,
         calibrate: bool = True,
+        limits: ServerLimits | None = None,
     ) -> None:
         self.host, self.port = parse_hostport(listen, what="--listen")
         if not is_loopback(self.host) and not auth_token:
@@ -154,7 +219,12 @@ class CloudServer:
             raise
         self.auth_token = auth_token.encode() if auth_token else None
         self.max_sessions = max_sessions
+        self.limits = limits or ServerLimits()
+        self.budget = ByteBudget(self.limits.memory)
+        self.max_payload = self.limits.max_payload(n_ctx)
         self.sessions: dict[int, Session] = {}
+        self.waiting_hello: OrderedDict[int, Session] = OrderedDict()
+        self._accept_backoff = 0.0  # seconds; > 0 while accepting is paused (out of fds)
         self._ids = itertools.count(1)
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipesd-target")
         self._stop: asyncio.Event | None = None
@@ -201,10 +271,12 @@ class CloudServer:
         finally:
             loop.remove_reader(sock.fileno())
             sock.close()
-            for s in list(self.sessions.values()):
+            for s in list(self.sessions.values()) + list(self.waiting_hello.values()):
                 s.end("server shutting down", bye=True)
             await asyncio.sleep(0)
             self._compute.shutdown(wait=True)
+            for s in list(Session.lingering):
+                s._finish()
             self.pool.close()
 
     def stop(self) -> None:
@@ -230,6 +302,14 @@ class CloudServer:
         sock.setblocking(False)
         return sock
 
+    def endpoint_options(self) -> EndpointOptions:
+        lim = self.limits
+        return EndpointOptions(
+            send_ring=256, recv_ring=256, max_payload=self.max_payload,
+            send_bytes=lim.conn_send_bytes, recv_bytes=lim.conn_recv_bytes,
+            shared_budget=self.budget,
+        )  # fmt: skip
+
     def _accept(self, sock: socket.socket) -> None:
         while True:
             try:
@@ -237,13 +317,54 @@ class CloudServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                log.warning("accept failed: %s", e.strerror)
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._pause_accept(sock, e.strerror or str(e))
+                else:
+                    log.warning("accept failed: %s", e.strerror)
                 return
             peer = f"{addr[0]}:{addr[1]}"
             conn.setblocking(True)
-            ep = FrameEndpoint.adopt(conn.detach(), EndpointOptions())
+            try:
+                ep = FrameEndpoint.adopt(conn.detach(), self.endpoint_options())
+            except TransportError as e:  # no descriptor or thread left for it: it is closed
+                self._pause_accept(sock, str(e), peer=peer)
+                return
+            self._accept_backoff = 0.0
+            if len(self.waiting_hello) >= self.limits.max_pending:
+                oldest = next(iter(self.waiting_hello.values()))
+                oldest.fail(
+                    ErrorCode.OVERLOADED,
+                    f"{len(self.waiting_hello)} connections are waiting for HELLO (the limit, "
+                    "--max-pending); closed the oldest",
+                )
             session = Session(self, next(self._ids), ep, peer)
+            self.waiting_hello[session.sid] = session
             asyncio.get_running_loop().create_task(session.run())
+
+    def _pause_accept(self, sock: socket.socket, why: str, *, peer: str = "") -> None:
+        """Out of descriptors (or threads): stop accepting for a while instead of spinning."""
+        loop = asyncio.get_running_loop()
+        backoff = min(2 * self._accept_backoff, 1.0) if self._accept_backoff else 0.05
+        if self._accept_backoff == 0.0:
+            log.warning("cannot accept %s: %s; pausing new connections", peer or "a connection",
+                        why)  # fmt: skip
+        self._accept_backoff = backoff
+        loop.remove_reader(sock.fileno())
+
+        def resume() -> None:
+            if self._stop is not None and not self._stop.is_set():
+                loop.add_reader(sock.fileno(), self._accept, sock)
+                self._accept(sock)
+
+        loop.call_later(backoff, resume)
+
+    def release_target(self, target: TargetBackend) -> None:
+        """Returns a session's target to the pool, on the worker thread: a forward pass of
+        that session may still be running there, and must finish before the cache is reset."""
+        try:
+            self._compute.submit(self.pool.release, target)
+        except RuntimeError:  # the worker is shut down: nothing runs on the target any more
+            self.pool.release(target)
 
     def cost_table_ms(self) -> list[float]:
         """The pass-cost table as it travels: ms for passes of 1..32 tokens (empty: none)."""
@@ -254,9 +375,23 @@ class CloudServer:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._compute, fn, *args)
 
+    def hello_ok(self, sid: int, costs: list[float]) -> HelloOk:
+        lim = self.limits
+        return HelloOk(sid, self.fingerprint, self.n_ctx, costs, max_window=lim.max_window,
+                       max_dist=lim.max_dist)  # fmt: skip
+
 
 class Session:
-    """One connection: HELLO, then sequences of PREFILL / DRAFT / RESET, then BYE."""
+    """One connection: HELLO, then sequences of PREFILL / DRAFT / RESET, then BYE.
+
+    Nothing here blocks the loop. Replies that do not fit the connection's send ring mean the
+    edge stopped reading: the connection is closed. An ending connection writes its last
+    frames (ERROR, BYE) from its own I/O thread (``close_after_flush``) and is closed for good
+    once that is done (``lingering`` keeps it until then).
+    """
+
+    #: Ended sessions whose connection is still writing its last frames.
+    lingering: set[Session] = set()
 
     def __init__(self, server: CloudServer, sid: int, ep: FrameEndpoint, peer: str) -> None:
         self.server, self.sid, self.ep, self.peer = server, sid, ep, peer
@@ -264,6 +399,7 @@ class Session:
         self.seq: TargetSession | None = None
         self.greeted = False
         self.closed = False
+        self.busy = False  # a forward pass of this session is queued or running
         self.verifies = 0
         self.stale_frames = 0
         self.costs_sent: list[float] = []  # the cost table (ms) this edge was last told
@@ -271,9 +407,14 @@ class Session:
         self._wake = asyncio.Event()
         self.loop = asyncio.get_running_loop()
         self.loop.add_reader(ep.wake_fd, self._on_wake)
+        self._timer = self.loop.call_later(server.limits.hello_timeout, self._hello_expired)
 
     def _on_wake(self) -> None:
         self.ep.drain_wake()
+        if self.closed:
+            if self.ep.closed:
+                self._finish()
+            return
         self._wake.set()
 
     async def run(self) -> None:
@@ -287,7 +428,11 @@ class Session:
                         break
                     await self._wake.wait()
                     continue
+                if self.greeted:
+                    self._arm_idle()
                 await self.handle(frame)
+        except PeerGone as e:
+            self._peer_gone(str(e))
         except SessionError as e:
             self.fail(e.code, str(e))
         except PromptTooLongError as e:
@@ -299,6 +444,39 @@ class Session:
             self.fail(ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")
         finally:
             self.end(None)
+
+    # ------------------------------------------------------------------- timers
+    def _hello_expired(self) -> None:
+        if not self.greeted and not self.closed:
+            self.fail(ErrorCode.TIMEOUT, f"no HELLO within {self.server.limits.hello_timeout:g} s")
+
+    def _arm_idle(self) -> None:
+        self._timer.cancel()
+        self._timer = self.loop.call_later(self.server.limits.idle_timeout, self._idle_expired)
+
+    def _idle_expired(self) -> None:
+        if self.closed:
+            return
+        if self.busy:  # the cloud owes it an answer: not idle
+            self._arm_idle()
+            return
+        self.fail(ErrorCode.TIMEOUT,
+                  f"idle for {self.server.limits.idle_timeout:g} s (--idle-timeout)")  # fmt: skip
+
+    async def _compute(self, what: str, fn: Callable[[], T]) -> T:
+        """Runs ``fn`` on the worker thread unless the edge has hung up by the time its turn
+        comes (then the work is dropped)."""
+
+        def guarded() -> T:
+            if self.closed or self.ep.closed:
+                raise PeerGone(f"dropped its queued {what}")
+            return fn()
+
+        self.busy = True
+        try:
+            return await self.server.compute(guarded)
+        finally:
+            self.busy = False
 
     # ---------------------------------------------------------------- frames in
     async def handle(self, frame: Frame) -> None:
@@ -333,15 +511,13 @@ class Session:
                 raise ProtocolError(f"RESET carries {len(frame.payload)} payload bytes")
             if self.seq is not None and not self.seq.reset(frame.epoch):
                 self._stale(frame, 0)
-        elif ftype == FrameType.PING:
+        elif ftype == FrameType.PING:  # its payload is at most MAX_PING_PAYLOAD bytes
             self.send(Frame(FrameType.PONG, self.sid, frame.epoch, frame.payload))
         elif ftype == FrameType.PONG:
             pass
         elif ftype == FrameType.BYE:
             self.end("the edge said BYE", bye=True)
         elif ftype == FrameType.ERROR:
-            from pipesd._core import decode_error
-
             err = decode_error(frame.payload)
             log.info("session %d from %s: the edge reported error %d: %s", self.sid, self.peer,
                      err.code, err.message)  # fmt: skip
@@ -359,7 +535,7 @@ class Session:
                 f"this cloud speaks {PROTOCOL_VERSION}",
             )
         if server.auth_token is not None and not hmac.compare_digest(
-            hello.auth_token.encode(), server.auth_token
+            hello.auth_token, server.auth_token
         ):
             raise SessionError(ErrorCode.AUTH_FAILED, "wrong or missing auth token")
         if hello.vocab_size != server.vocab_size or hello.tokenizer_hash != server.tokenizer_hash:
@@ -373,11 +549,20 @@ class Session:
             raise SessionError(
                 ErrorCode.BUSY, f"the cloud serves {server.max_sessions} sessions already"
             )
+        server.waiting_hello.pop(self.sid, None)
         server.sessions[self.sid] = self
-        self.target = await server.compute(server.pool.acquire)
+        try:
+            self.target = await self._compute("HELLO", server.pool.acquire)
+        except (OSError, RuntimeError, ValueError, PipesdError) as e:
+            # Out of descriptors or memory for another target context: a capacity limit.
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise SessionError(
+                ErrorCode.BUSY, f"cannot open a target context for another session: {why}"
+            ) from None
         self.greeted = True
+        self._arm_idle()
         self.costs_sent = server.cost_table_ms()
-        ok = HelloOk(self.sid, server.fingerprint, server.n_ctx, self.costs_sent)
+        ok = server.hello_ok(self.sid, self.costs_sent)
         self.send(Frame(FrameType.HELLO_OK, self.sid, 0, encode_hello_ok(ok)))
         log.info("session %d from %s: started", self.sid, self.peer)
 
@@ -402,30 +587,56 @@ class Session:
             return
         self.seq = TargetSession(self.target, params)
         seq = self.seq
-        verdict = await self.server.compute(lambda: seq.prefill(msg.tokens, epoch=frame.epoch))
+        verdict = await self._compute("PREFILL", lambda: seq.prefill(msg.tokens, epoch=frame.epoch))
         self._send_verdict(verdict)
 
     async def _draft(self, frame: Frame) -> None:
-        from pipesd._core import FLAG_HAS_DIST, FLAG_VERIFY
-
         if self.seq is None:
             raise ProtocolError("DRAFT before PREFILL")
-        msg = decode_draft(frame.payload, bool(frame.flags & FLAG_HAS_DIST))
-        if msg.tokens and max(msg.tokens) >= self.server.vocab_size:
+        lim = self.server.limits
+        has_dist = bool(frame.flags & FLAG_HAS_DIST)
+        msg = decode_draft(frame.payload, has_dist)
+        vocab = self.server.vocab_size
+        if msg.tokens and max(msg.tokens) >= vocab:
             raise ProtocolError(f"DRAFT: token id {max(msg.tokens)} is outside the vocabulary")
         dists = None
-        if frame.flags & FLAG_HAS_DIST:
-            dists = [
-                SparseDist(np.asarray(d.ids, dtype=np.int64), np.asarray(d.probs, dtype=np.float64))
-                for d in msg.dists
-            ]
+        if has_dist:
+            dists = []
+            for d in msg.dists:
+                ids = d.ids_array()
+                if ids.size > lim.max_dist:
+                    raise ProtocolError(
+                        f"DRAFT: a draft distribution of {ids.size} entries exceeds this "
+                        f"cloud's limit of {lim.max_dist} (--max-dist)"
+                    )
+                if ids.size and int(ids.max()) >= vocab:
+                    raise ProtocolError(
+                        f"DRAFT: distribution id {int(ids.max())} is outside the vocabulary"
+                    )
+                dists.append(SparseDist(ids.astype(np.int64), d.probs_array().astype(np.float64)))
         seq = self.seq
+        if len(msg.tokens) > 2 * lim.max_window:
+            raise ProtocolError(
+                f"DRAFT: {len(msg.tokens)} drafts in one frame; this cloud holds at most "
+                f"{2 * lim.max_window} unverified drafts (twice --max-window)"
+            )
         if not seq.receive(frame.epoch, msg.start, msg.tokens, dists):
             self._stale(frame, len(msg.tokens))
             return
+        if seq.ledger.pending_count > 2 * lim.max_window:
+            raise ProtocolError(
+                f"DRAFT: {seq.ledger.pending_count} drafts wait for verification; this cloud "
+                f"holds at most {2 * lim.max_window} (twice --max-window)"
+            )
         if frame.flags & FLAG_VERIFY:
             end = msg.start + len(msg.tokens)
-            verdict = await self.server.compute(seq.verify_window, end)
+            count = end - seq.ledger.committed_len
+            if count > lim.max_window:
+                raise ProtocolError(
+                    f"DRAFT: a verification of {count} drafts exceeds this cloud's window "
+                    f"limit of {lim.max_window} (--max-window)"
+                )
+            verdict = await self._compute("verification", lambda: seq.verify_window(end))
             self.verifies += 1
             self.server.costs.observe(verdict.drafted + 1, verdict.verify_s)
             self._send_verdict(verdict)
@@ -462,50 +673,68 @@ class Session:
 
     # --------------------------------------------------------------- frames out
     def send(self, frame: Frame) -> None:
-        deadline = time.monotonic() + 5.0
-        while not self.ep.send(frame):
-            if self.ep.closed or time.monotonic() > deadline:
-                raise SessionError(ErrorCode.INTERNAL, "the edge stopped reading")
-            time.sleep(0.001)
+        """Queues a frame without waiting; an edge that does not read its replies is closed."""
+        if self.ep.send(frame):
+            return
+        if self.ep.closed:
+            raise PeerGone("its reply was dropped")
+        raise SessionError(
+            ErrorCode.OVERLOADED,
+            f"the edge stopped reading ({self.ep.send_queued_bytes} bytes of replies unread)",
+        )
 
     def fail(self, code: ErrorCode, message: str) -> None:
         """Sends a fatal ERROR, logs one line, closes this connection only."""
         log.warning("session %d from %s: %s: %s; connection closed", self.sid, self.peer,
                     code.name, message)  # fmt: skip
         if not self.ep.closed:
-            with contextlib.suppress(SessionError):
-                self.send(Frame(FrameType.ERROR, self.sid if self.greeted else 0, 0,
-                                encode_error(WireError(code, message[:1000]))))  # fmt: skip
-            self.ep.flush(500)
-        self.end(None)
+            # Best effort: a full ring (the edge not reading) only loses this notice.
+            self.ep.send(Frame(FrameType.ERROR, self.sid if self.greeted else 0, 0,
+                               encode_error(WireError(code, message[:1000]))))  # fmt: skip
+        self.end(None, flush=True)
 
-    def _peer_gone(self) -> None:
+    def _peer_gone(self, what: str = "") -> None:
         reason = self.ep.close_reason
         if reason == "PROTOCOL_ERROR":
             # The endpoint has already answered the malformed bytes with an ERROR frame.
             log.warning("session %d from %s: %s; connection closed", self.sid, self.peer,
                         self.ep.error)  # fmt: skip
         else:
-            log.info("session %d from %s: connection closed (%s)", self.sid, self.peer,
-                     self.ep.error or reason)  # fmt: skip
+            log.info("session %d from %s: the edge closed the connection (%s)%s", self.sid,
+                     self.peer, self.ep.error or reason.lower(),
+                     f"; {what}" if what else "")  # fmt: skip
 
-    def end(self, why: str | None, *, bye: bool = False) -> None:
+    def end(self, why: str | None, *, bye: bool = False, flush: bool = False) -> None:
         if self.closed:
             return
         self.closed = True
+        self._timer.cancel()
         self._wake.set()
         if bye and not self.ep.closed:
             self.ep.send(Frame(FrameType.BYE, self.sid, 0, b""))
-            self.ep.flush(500)
+            flush = True
         if why:
             log.info("session %d from %s: %s after %d verifications", self.sid, self.peer, why,
                      self.verifies)  # fmt: skip
+        self.server.sessions.pop(self.sid, None)
+        self.server.waiting_hello.pop(self.sid, None)
+        if self.target is not None:
+            self.server.release_target(self.target)
+            self.target = None
+        if flush and not self.ep.closed:
+            # The I/O thread writes what is queued (500 ms at most), then closes; the wake fd
+            # tells _on_wake when to let go of the endpoint.
+            Session.lingering.add(self)
+            self.ep.close_after_flush(500)
+            if self.ep.closed:
+                self._finish()
+        else:
+            self._finish()
+
+    def _finish(self) -> None:
+        Session.lingering.discard(self)
         self.loop.remove_reader(self.ep.wake_fd)
         self.ep.close()
-        self.server.sessions.pop(self.sid, None)
-        if self.target is not None:
-            self.server.pool.release(self.target)
-            self.target = None
 
 
 def serve_forever(server: CloudServer) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -77,15 +78,22 @@ class TorchTarget:
     def kv_len(self) -> int:
         return int(self.cache.length)
 
-    def decode(self, tokens: Sequence[int], *, all_logits: bool) -> npt.NDArray[np.float32]:
+    def _forward(self, tokens: Sequence[int], *, all_rows: bool) -> Any:
         if self.cache.length + len(tokens) > self.n_ctx:
             raise PromptTooLongError(
                 f"sequence of {self.cache.length + len(tokens)} tokens exceeds the context "
                 f"of {self.n_ctx}"
             )
         ids = self._torch.tensor(list(tokens), dtype=self._torch.long)
-        logits = self.model.forward(ids, self.cache, last_only=not all_logits)
-        return logits.cpu().numpy()
+        return self.model.forward(ids, self.cache, last_only=not all_rows)
+
+    def decode(self, tokens: Sequence[int], *, all_logits: bool) -> npt.NDArray[np.float32]:
+        return self._forward(tokens, all_rows=all_logits).cpu().numpy()  # type: ignore[no-any-return]
+
+    def decode_argmax(self, tokens: Sequence[int], *, all_rows: bool) -> npt.NDArray[np.int64]:
+        """Each row's argmax, computed where the logits are (on the GPU with CUDA)."""
+        top = self._forward(tokens, all_rows=all_rows).argmax(dim=-1)
+        return top.cpu().numpy().astype(np.int64)  # type: ignore[no-any-return]
 
     def truncate(self, n: int) -> None:
         self.cache.truncate(n)

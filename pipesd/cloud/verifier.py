@@ -39,12 +39,20 @@ class TargetBackend(Protocol):
 
     def decode(self, tokens: Sequence[int], *, all_logits: bool) -> Logits: ...
 
+    def decode_argmax(self, tokens: Sequence[int], *, all_rows: bool) -> npt.NDArray[np.int64]:
+        """As ``decode``, each row's argmax only (greedy verification never needs more)."""
+        ...
+
     def truncate(self, n: int) -> None: ...
 
 
 def verify_greedy(logits: Logits, drafts: Sequence[int]) -> tuple[int, int]:
     """Returns (accepted, next_token). logits has one row per draft plus one."""
-    top = np.argmax(logits, axis=1)
+    return verify_greedy_top(np.argmax(logits, axis=1), drafts)
+
+
+def verify_greedy_top(top: npt.NDArray[np.int64], drafts: Sequence[int]) -> tuple[int, int]:
+    """The same from each row's argmax."""
     accepted = 0
     while accepted < len(drafts) and int(top[accepted]) == int(drafts[accepted]):
         accepted += 1
@@ -145,9 +153,7 @@ class TargetSession:
         self.epoch, self.retired, self.dists = epoch, False, []
         self.target.truncate(0)
         window = self.ledger.submit(0)
-        logits = self.target.decode(list(prompt), all_logits=False)
-        self.ledger.note_target_kv(self.target.kv_len)
-        accepted, nxt = self._judge(logits, [], 0)
+        accepted, nxt = self._score(list(prompt), [], 0, all_rows=False)
         decision = self.ledger.apply_verdict(window.epoch, accepted, nxt)
         self.target.truncate(decision.target_keep)
         return Verdict(
@@ -251,9 +257,7 @@ class TargetSession:
         drafts = ledger.pending()[:count]
         window = ledger.submit(count)
         t0 = time.perf_counter()
-        logits = self.target.decode([ledger.last_token, *drafts], all_logits=True)
-        ledger.note_target_kv(self.target.kv_len)
-        accepted, nxt = self._judge(logits, drafts, count)
+        accepted, nxt = self._score([ledger.last_token, *drafts], drafts, count, all_rows=True)
         decision = ledger.apply_verdict(window.epoch, accepted, nxt)
         self.target.truncate(decision.target_keep)
         if decision.rolled_back:
@@ -269,6 +273,18 @@ class TargetSession:
             next_token=nxt,
             verify_s=time.perf_counter() - t0,
         )
+
+    def _score(
+        self, tokens: list[int], drafts: Sequence[int], count: int, *, all_rows: bool
+    ) -> tuple[int, int]:
+        """Runs the target over ``tokens`` and judges the window: (accepted, next token)."""
+        if self.params.greedy:
+            top = self.target.decode_argmax(tokens, all_rows=all_rows)
+            self.ledger.note_target_kv(self.target.kv_len)
+            return verify_greedy_top(top, drafts)
+        logits = self.target.decode(tokens, all_logits=all_rows)
+        self.ledger.note_target_kv(self.target.kv_len)
+        return self._judge(logits, drafts, count)
 
     def _judge(self, logits: Logits, drafts: Sequence[int], count: int) -> tuple[int, int]:
         """(accepted, next token) of a window of ``count`` drafts scored by ``logits``."""

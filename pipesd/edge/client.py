@@ -89,6 +89,8 @@ class CloudLink:
         self.session = 0
         self.model_fingerprint = ""
         self.max_ctx = 0
+        self.max_window = 0  # the cloud's limits (HELLO_OK); 0: none announced
+        self.max_dist = 0
         self.verify_ms: list[float] = []  # the cloud's pass-cost table (HELLO_OK, COSTS)
         self.costs_updates = 0  # COSTS frames received
         self.params: SamplingParams | None = None
@@ -134,6 +136,8 @@ class CloudLink:
                 self.session = ok.session
                 self.model_fingerprint = ok.model_fingerprint
                 self.max_ctx = ok.max_ctx
+                self.max_window = ok.max_window
+                self.max_dist = ok.max_dist
                 self.verify_ms = list(ok.verify_ms)
                 log.debug("session %d with %s (%s)", ok.session, self.address, ok.model_fingerprint)
                 return
@@ -212,6 +216,10 @@ class CloudLink:
         return wire
 
     def start(self, prompt: Sequence[int], params: SamplingParams, epoch: int) -> float:
+        if self.ep is None or self.ep.closed:
+            # The cloud ended the session while it was idle (its --idle-timeout), or the
+            # connection broke between two sequences: open a new one for this sequence.
+            self.connect()
         self.params = params
         self._epoch_base = self._wire_epoch + 1 - epoch
         msg = Prefill(
@@ -307,6 +315,12 @@ class CloudLink:
                     if err.code == int(ErrorCode.STALE_EPOCH.value):
                         log.debug("cloud dropped stale frames: %s", err.message)
                         continue
+                    if err.code in (int(ErrorCode.TIMEOUT.value), int(ErrorCode.OVERLOADED.value)):
+                        # The cloud closed the session for a limit, not for what it asked:
+                        # a new connection resumes from the committed prefix.
+                        self._drop()
+                        raise LinkLostError(f"the cloud at {self.address} closed the session: "
+                                            f"{_code_name(err.code)}: {err.message}")  # fmt: skip
                 return frame
             if ep.closed:
                 self._lost(ep)

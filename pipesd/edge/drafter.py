@@ -33,6 +33,10 @@ class Drafter:
         # The edge's random stream (spawn key 0); the cloud uses spawn key 1.
         self.rng = np.random.default_rng(np.random.SeedSequence(params.seed, spawn_key=(0,)))
         self.draft_s = 0.0  # seconds spent evaluating the draft model
+        # Most entries a draft distribution may have (the cloud's limit; 0: none). Drafts are
+        # sampled from the distribution cut to it, so the one sent is the one sampled from and
+        # speculative sampling stays exact.
+        self.max_dist = 0
 
     def begin(self, ledger: SpeculationLedger) -> None:
         self.model.truncate(0)
@@ -52,6 +56,8 @@ class Drafter:
             out = DraftToken(token, conf, None)
         else:
             dist = truncated(logits, self.params)
+            if self.max_dist:
+                dist = dist.top(self.max_dist)
             token = dist.sample(self.rng)
             out = DraftToken(token, dist.prob_of(token), dist)
         ledger.append_drafts([out.token])

@@ -92,7 +92,7 @@ Frame Numbered(uint64_t i, size_t payload_size = 8) {
   Bytes payload(payload_size);
   for (size_t k = 0; k < payload_size; ++k)
     payload[k] = static_cast<uint8_t>((i >> (8 * (k % 8))) + k / 8);
-  return MakeFrame(FrameType::kPing, 7, i, std::move(payload));
+  return MakeFrame(FrameType::kPrefill, 7, i, std::move(payload));
 }
 
 bool Contains(const std::string& s, const std::string& part) {
@@ -317,12 +317,13 @@ TEST(Endpoint, SendRejectsFramesThePeerWouldReject) {
   EndpointOptions small;
   small.max_payload = 1024;
   MakePair(&p, small);
-  EXPECT_THROW(p.client->Send(MakeFrame(FrameType::kPing, 0, 0, Bytes(1025))), ProtocolError);
-  EXPECT_THROW(p.client->Send(MakeFrame(FrameType::kPing, 0, 0, {}, kFlagVerify)), ProtocolError);
-  Frame bad_magic = MakeFrame(FrameType::kPing, 0, 0);
+  EXPECT_THROW(p.client->Send(MakeFrame(FrameType::kPrefill, 0, 0, Bytes(1025))), ProtocolError);
+  EXPECT_THROW(p.client->Send(MakeFrame(FrameType::kPrefill, 0, 0, {}, kFlagVerify)),
+               ProtocolError);
+  Frame bad_magic = MakeFrame(FrameType::kPrefill, 0, 0);
   bad_magic.header.magic = 0;
   EXPECT_THROW(p.client->Send(bad_magic), ProtocolError);
-  EXPECT_TRUE(p.client->Send(MakeFrame(FrameType::kPing, 0, 0, Bytes(1024))));
+  EXPECT_TRUE(p.client->Send(MakeFrame(FrameType::kPrefill, 0, 0, Bytes(1024))));
   Frame got;
   ASSERT_TRUE(RecvWithin(p.server.get(), &got));
   EXPECT_EQ(got.payload.size(), 1024u);
@@ -402,6 +403,100 @@ TEST(Endpoint, CloseWhileThePeerIsNotReadingIsPrompt) {
   EXPECT_TRUE(p.server->closed());
 }
 
+TEST(Endpoint, RingsAreBoundedInBytes) {
+  // A peer that does not read: the sender's ring holds at most send_bytes (any one frame when
+  // empty), the receiver's at most recv_bytes, however many frames the rings could hold.
+  EndpointOptions client_opts;
+  client_opts.send_bytes = 100 * 1024;
+  EndpointOptions server_opts;
+  server_opts.recv_bytes = 200 * 1024;
+  Pair p;
+  MakePair(&p, client_opts, server_opts);
+  Frame next;
+  SendUntilStalled(p.client.get(), 16 * 1024, &next);
+  EXPECT_LE(p.client->send_queued_bytes(), client_opts.send_bytes);
+  EXPECT_GT(p.client->send_queued_bytes(), 0u);
+  EXPECT_LE(p.server->recv_queued_bytes(), server_opts.recv_bytes);
+  EXPECT_GT(p.server->recv_queued_bytes(), 0u);
+  // One frame larger than the whole byte limit still passes an empty ring.
+  EndpointOptions tiny;
+  tiny.send_bytes = 10;
+  tiny.recv_bytes = 10;
+  Pair q;
+  MakePair(&q, tiny, tiny);
+  ASSERT_TRUE(q.client->Send(Numbered(1, 1000)));
+  Frame got;
+  ASSERT_TRUE(RecvWithin(q.server.get(), &got));
+  EXPECT_EQ(got.payload.size(), 1000u);
+  EXPECT_EQ(q.server->recv_queued_bytes(), 0u);
+}
+
+TEST(Endpoint, SharedBudgetBoundsAllReceiveRingsTogether) {
+  auto budget = std::make_shared<ByteBudget>(64 * 1024);
+  EndpointOptions server_opts;
+  server_opts.shared_budget = budget;
+  Pair a;
+  Pair b;
+  MakePair(&a, {}, server_opts);
+  MakePair(&b, {}, server_opts);
+  Frame next;
+  SendUntilStalled(a.client.get(), 8 * 1024, &next);
+  Frame next_b;
+  SendUntilStalled(b.client.get(), 8 * 1024, &next_b);
+  // Both servers' rings together stay within the budget (plus one frame taken when empty).
+  EXPECT_LE(a.server->recv_queued_bytes() + b.server->recv_queued_bytes(),
+            budget->limit() + kFrameHeaderSize + 8 * 1024);
+  EXPECT_EQ(budget->used(), a.server->recv_queued_bytes() + b.server->recv_queued_bytes());
+  // Draining one endpoint lets the other go on: nothing is lost and the budget is returned.
+  Frame got;
+  uint64_t a_got = 0;
+  while (RecvWithin(a.server.get(), &got, milliseconds(300))) ++a_got;
+  EXPECT_GT(a_got, 0u);
+  uint64_t b_got = 0;
+  while (RecvWithin(b.server.get(), &got, milliseconds(300))) {
+    EXPECT_EQ(got.header.epoch, b_got);
+    ++b_got;
+  }
+  EXPECT_GT(b_got, 0u);
+  a.server.reset();
+  b.server.reset();
+  EXPECT_EQ(budget->used(), 0u);
+}
+
+TEST(Endpoint, CloseAfterFlushDeliversThenCloses) {
+  Pair p;
+  MakePair(&p);
+  for (uint64_t i = 0; i < 50; ++i) ASSERT_TRUE(p.server->Send(Numbered(i, 1024)));
+  const Clock::time_point start = Clock::now();
+  p.server->CloseAfterFlush(5000);
+  EXPECT_LT(Clock::now() - start, milliseconds(100));  // does not wait
+  EXPECT_FALSE(p.server->Send(Numbered(99)));          // nothing more is taken
+  Frame got;
+  uint64_t i = 0;
+  while (RecvWithin(p.client.get(), &got)) {
+    EXPECT_EQ(got.header.epoch, i);
+    ++i;
+  }
+  EXPECT_EQ(i, 50u);
+  EXPECT_EQ(p.client->close_reason(), CloseReason::kPeerClosed);
+  ASSERT_TRUE(WaitClosed(p.server.get()));
+  EXPECT_EQ(p.server->close_reason(), CloseReason::kLocal);
+}
+
+TEST(Endpoint, CloseAfterFlushGivesUpOnAPeerThatDoesNotRead) {
+  EndpointOptions client_opts;
+  client_opts.recv_ring = 1;
+  Pair p;
+  MakePair(&p, client_opts, {});
+  Frame next;
+  SendUntilStalled(p.server.get(), 256 * 1024, &next);
+  const Clock::time_point start = Clock::now();
+  p.server->CloseAfterFlush(200);
+  ASSERT_TRUE(WaitClosed(p.server.get(), milliseconds(5000)));
+  EXPECT_LT(Clock::now() - start, milliseconds(3000));
+  p.server->Close();
+}
+
 TEST(Endpoint, GarbageClosesWithProtocolError) {
   auto listener = FrameListener::Listen("127.0.0.1", 0);
   const int raw = RawConnect(listener->port());
@@ -446,7 +541,9 @@ TEST(Endpoint, WrongVersionIsAnsweredWithBadVersion) {
   ASSERT_TRUE(WriteAll(raw, header, sizeof header));
   const Error err = ParseErrorFrame(RawReadToEnd(raw, 5000));
   EXPECT_EQ(err.code, static_cast<uint32_t>(ErrorCode::kBadVersion));
-  EXPECT_TRUE(Contains(err.message, "unsupported protocol version 3")) << err.message;
+  EXPECT_TRUE(
+      Contains(err.message, "unsupported protocol version " + std::to_string(kProtocolVersion + 1)))
+      << err.message;
   ASSERT_TRUE(WaitClosed(server.get()));
   ::close(raw);
 }

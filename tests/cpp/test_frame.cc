@@ -65,7 +65,7 @@ TEST(Frame, HeaderLayoutIsLittleEndianAndFixed) {
   h.epoch = 0x1112131415161718ull;
   h.payload_len = 0x21222324;
   const Bytes b = HeaderBytes(h);
-  const Bytes want = {'P',  'S',  'D',  '1',  2,    0,    4,    0,    3,    0,    0,
+  const Bytes want = {'P',  'S',  'D',  '1',  3,    0,    4,    0,    3,    0,    0,
                       0,    0x08, 0x07, 0x06, 0x05, 0x04, 0x03, 0x02, 0x01, 0x18, 0x17,
                       0x16, 0x15, 0x14, 0x13, 0x12, 0x11, 0x24, 0x23, 0x22, 0x21};
   EXPECT_EQ(b, want);
@@ -118,9 +118,32 @@ TEST(Frame, HelloOkRoundTrip) {
   EXPECT_EQ(back.max_ctx, m.max_ctx);
   EXPECT_TRUE(back.costs.verify_ms.empty());
 
+  EXPECT_EQ(back.max_window, 0u);
+  EXPECT_EQ(back.max_dist, 0u);
+
   m.costs.verify_ms = {146.0f, 282.5f, 347.0f, 0.0f};
+  m.max_window = 64;
+  m.max_dist = 4096;
   const HelloOk with = DecodeHelloOk(EncodeHelloOk(m));
   EXPECT_EQ(with.costs.verify_ms, m.costs.verify_ms);
+  EXPECT_EQ(with.max_window, 64u);
+  EXPECT_EQ(with.max_dist, 4096u);
+
+  m.model_fingerprint = "bad\xff";  // not UTF-8: neither sent nor accepted
+  EXPECT_THROW(EncodeHelloOk(m), ProtocolError);
+}
+
+TEST(Frame, Utf8Validation) {
+  EXPECT_TRUE(IsValidUtf8(""));
+  EXPECT_TRUE(IsValidUtf8("plain ascii"));
+  EXPECT_TRUE(IsValidUtf8("caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80"));  // é € 😀
+  EXPECT_FALSE(IsValidUtf8("\xff"));
+  EXPECT_FALSE(IsValidUtf8("\xc3"));              // truncated
+  EXPECT_FALSE(IsValidUtf8("\xc0\xaf"));          // overlong '/'
+  EXPECT_FALSE(IsValidUtf8("\xe0\x80\xaf"));      // overlong
+  EXPECT_FALSE(IsValidUtf8("\xed\xa0\x80"));      // a surrogate
+  EXPECT_FALSE(IsValidUtf8("\xf4\x90\x80\x80"));  // past U+10FFFF
+  EXPECT_FALSE(IsValidUtf8("\x80"));              // a lone continuation byte
 }
 
 TEST(Frame, CostsRoundTrip) {
@@ -230,6 +253,28 @@ TEST(Frame, ErrorRoundTrip) {
   m.code = 1000;
   EXPECT_EQ(DecodeError(EncodeError(m)).code, 1000u);
   EXPECT_STREQ(ErrorCodeName(static_cast<ErrorCode>(1000)), "UNKNOWN");
+  // A message that is not UTF-8 is a malformed payload, on either side.
+  m.message = "caf\xe9";
+  EXPECT_THROW(EncodeError(m), ProtocolError);
+  Bytes raw = {1, 0, 0, 0, 4, 0, 0, 0, 'c', 'a', 'f', 0xe9};
+  ExpectProtocolError([&] { DecodeError(raw); }, {"ERROR message", "UTF-8"});
+}
+
+TEST(Frame, PingPayloadIsCapped) {
+  FrameHeader h;
+  h.type = FrameType::kPing;
+  h.payload_len = kMaxPingPayload;
+  ValidateHeader(h);
+  h.payload_len = kMaxPingPayload + 1;
+  ExpectProtocolError([&] { ValidateHeader(h); }, {"PING", "limit 64"});
+  h.type = FrameType::kPong;
+  ExpectProtocolError([&] { ValidateHeader(h); }, {"PONG", "limit 64"});
+}
+
+TEST(Frame, BadTokenizerHashIsQuotedPrintably) {
+  Hello m;
+  m.tokenizer_hash = "zz\xff\n";
+  ExpectProtocolError([&] { EncodeHello(m); }, {"zz\\xff\\x0a"});
 }
 
 TEST(Frame, EmptyPayloadTypes) {
@@ -278,7 +323,7 @@ TEST(FrameParser, StreamInRandomChunks) {
       case 2: {
         Bytes junk(rng() % 300);  // PING payloads are opaque
         for (uint8_t& b : junk) b = static_cast<uint8_t>(rng());
-        f = MakeFrame(FrameType::kPing, 42, i / 7, junk);
+        f = MakeFrame(FrameType::kPrefill, 42, i / 7, junk);
         break;
       }
       case 3:
@@ -338,7 +383,7 @@ TEST(FrameParser, ByteAtATime) {
 }
 
 TEST(FrameParser, PartialFrameIsBuffered) {
-  const Bytes wire = EncodeFrame(MakeFrame(FrameType::kPing, 1, 1, Bytes(100, 7)));
+  const Bytes wire = EncodeFrame(MakeFrame(FrameType::kPrefill, 1, 1, Bytes(100, 7)));
   FrameParser p;
   p.Feed(wire.data(), wire.size() - 1);
   Frame f;
@@ -366,7 +411,7 @@ TEST(FrameParser, BadVersion) {
   h.version = 1;  // a peer of the first protocol version
   const Bytes b = HeaderBytes(h);
   FrameParser p;
-  ExpectProtocolError([&] { p.Feed(b.data(), b.size()); }, {"version 1", "expected 2"});
+  ExpectProtocolError([&] { p.Feed(b.data(), b.size()); }, {"version 1", "expected 3"});
   EXPECT_EQ(p.error_code(), ErrorCode::kBadVersion);
 }
 
@@ -412,7 +457,7 @@ TEST(FrameParser, OversizePayloadRejectedBeforePayloadArrives) {
 
   // Exactly at the limit is fine.
   FrameParser r(1024);
-  const Bytes ok = EncodeFrame(MakeFrame(FrameType::kPing, 0, 0, Bytes(1024, 1)));
+  const Bytes ok = EncodeFrame(MakeFrame(FrameType::kPrefill, 0, 0, Bytes(1024, 1)));
   r.Feed(ok.data(), ok.size());
   Frame f;
   EXPECT_TRUE(r.Next(&f));

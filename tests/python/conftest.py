@@ -41,6 +41,19 @@ def smollm_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm_vocab(smollm_path: Path) -> tuple[int, str, list[int]]:
+    """What a raw client says in HELLO for smollm2 (vocabulary size, tokenizer hash), and the
+    token ids of a short prompt ("def is_prime(n):\n") to prefill with."""
+    from pipesd.llama_backend import LlamaCppModel, tokenizer_fingerprint
+
+    m = LlamaCppModel(smollm_path, vocab_only=True)
+    texts = m.token_texts()
+    ids = m.tokenize("def is_prime(n):\n")
+    m.close()
+    return len(texts), tokenizer_fingerprint(texts), ids
+
+
+@pytest.fixture(scope="session")
 def real_draft_path() -> Path:
     return models.resolve(models.DEFAULT_DRAFT)
 

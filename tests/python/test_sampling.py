@@ -17,12 +17,15 @@ def _logits(rng: np.random.Generator) -> np.ndarray:
     return (rng.standard_normal(V) * 1.5).astype(np.float32)
 
 
-def _first_token_counts(residual_fn=None, n: int = 20000, seed: int = 0):
-    """Samples the first output token of a window of 2 drafts, n times."""
+def _first_token_counts(residual_fn=None, n: int = 20000, seed: int = 0, q_entries: int = 0):
+    """Samples the first output token of a window of 2 drafts, n times. ``q_entries``: the
+    draft distribution cut to that many entries, as an edge under a cloud's --max-dist does."""
     rng = np.random.default_rng(seed)
     target_logits = np.stack([_logits(np.random.default_rng(10 + i)) for i in range(3)])
     draft_logits = _logits(np.random.default_rng(99))
     q = truncated(draft_logits, PARAMS)
+    if q_entries:
+        q = q.top(q_entries)
     p = truncated(target_logits[0], PARAMS).dense(V)
     counts = np.zeros(V)
     kwargs = {} if residual_fn is None else {"residual_fn": residual_fn}
@@ -38,6 +41,22 @@ def test_speculative_sampling_matches_target_distribution() -> None:
     counts, p = _first_token_counts()
     _, pvalue = stats.chisquare(counts, p * counts.sum())
     assert pvalue > 1e-3, f"chi-square p-value {pvalue:.2e}: speculative sampling is biased"
+
+
+def test_a_cut_draft_distribution_keeps_sampling_exact() -> None:
+    # The edge samples from q cut to its 3 most likely entries and sends that q: the output
+    # still follows the target's distribution (only acceptance changes).
+    counts, p = _first_token_counts(q_entries=3)
+    _, pvalue = stats.chisquare(counts, p * counts.sum())
+    assert pvalue > 1e-3, f"chi-square p-value {pvalue:.2e}: a cut q biased the output"
+
+
+def test_sparse_dist_top_keeps_the_most_likely() -> None:
+    d = SparseDist(np.array([4, 9, 1, 7]), np.array([0.1, 0.4, 0.3, 0.2]))
+    top = d.top(2)
+    assert top.ids.tolist() == [9, 1]
+    assert np.allclose(top.probs, [0.4 / 0.7, 0.3 / 0.7])
+    assert d.top(4) is d
 
 
 def test_biased_sampler_is_detected() -> None:

@@ -15,7 +15,7 @@ from pipesd.errors import ProtocolError, TransportError
 
 def test_payload_round_trips() -> None:
     hello = core.decode_hello(core.encode_hello(core.Hello("secret", 151936, "ab12")))
-    assert (hello.auth_token, hello.vocab_size, hello.tokenizer_hash) == ("secret", 151936, "ab12")
+    assert (hello.auth_token, hello.vocab_size, hello.tokenizer_hash) == (b"secret", 151936, "ab12")
     draft = core.Draft(
         start=17,
         tokens=[5, 6],

@@ -35,11 +35,35 @@
 
 namespace pipesd {
 
+// Bytes that many endpoints may hold together (a whole server's budget). Thread-safe.
+class ByteBudget {
+ public:
+  explicit ByteBudget(size_t limit) : limit_(limit) {}
+  // Takes n bytes if they fit, or if nothing is held at all (so one frame larger than the
+  // limit can still pass, alone). False otherwise.
+  bool TryTake(size_t n);
+  void Give(size_t n) { used_.fetch_sub(n, std::memory_order_acq_rel); }
+  size_t used() const { return used_.load(std::memory_order_acquire); }
+  size_t limit() const { return limit_; }
+
+ private:
+  const size_t limit_;
+  std::atomic<size_t> used_{0};
+};
+
 struct EndpointOptions {
   size_t send_ring = 1024;                    // frames; rounded up to a power of two
   size_t recv_ring = 1024;                    // frames; rounded up to a power of two
   uint32_t max_payload = kDefaultMaxPayload;  // largest payload accepted from (and sent to) peer
   int connect_timeout_ms = 5000;              // Connect() only; <= 0 waits forever
+  // Bytes (headers and payloads) queued in each ring at most. A frame that does not fit waits
+  // (Send() returns false; the I/O thread stops reading the socket), except that an empty ring
+  // takes any one frame, so these may be smaller than max_payload.
+  size_t send_bytes = 64u << 20;
+  size_t recv_bytes = 64u << 20;
+  // Shared by every endpoint given the same budget: the bytes all their rings hold together.
+  // A receive that does not fit it waits like a full ring; nullptr: no shared limit.
+  std::shared_ptr<ByteBudget> shared_budget;
 };
 
 // Counters since the endpoint was created. Wait times are in nanoseconds (steady clock): a send
@@ -113,6 +137,16 @@ class FrameEndpoint {
   // close by the peer; otherwise the error, e.g. "protocol error: bad frame magic ...".
   std::string error() const;
 
+  // Does not block: the I/O thread stops reading, writes what is queued (for at most
+  // timeout_ms), then ends the connection as Close() would; closed() becomes true and wake_fd()
+  // is signalled when it has. Send() fails from now on. Call Close() afterwards (it then
+  // returns at once) or let the destructor do it. Any thread.
+  void CloseAfterFlush(int timeout_ms);
+
+  // Bytes queued in the send ring and in the receive ring now.
+  size_t send_queued_bytes() const { return send_bytes_.load(std::memory_order_acquire); }
+  size_t recv_queued_bytes() const { return recv_bytes_.load(std::memory_order_acquire); }
+
   // Stops the I/O thread, joins it and closes the socket; frames still queued for sending are
   // dropped (call Flush() first to send them). Idempotent; also run by the destructor. Signals
   // wake_fd(). Safe to call from any thread except from inside the I/O thread (which runs no
@@ -125,6 +159,7 @@ class FrameEndpoint {
   struct Queued {
     Frame frame;
     int64_t enqueued_ns = 0;
+    size_t size() const { return kFrameHeaderSize + frame.payload.size(); }
   };
   struct Outgoing {
     uint8_t header[kFrameHeaderSize];
@@ -176,6 +211,14 @@ class FrameEndpoint {
   std::atomic<bool> recv_stalled_{false};
   std::atomic<bool> stop_{false};
   std::atomic<bool> closed_{false};
+  // CloseAfterFlush(): set once; the I/O thread finishes when the sends are out or at the
+  // deadline (steady clock, ns).
+  std::atomic<bool> lingering_{false};
+  std::atomic<int64_t> linger_deadline_ns_{0};
+  // Bytes in the rings (and charged to options_.shared_budget).
+  std::atomic<size_t> send_bytes_{0};
+  std::atomic<size_t> recv_bytes_{0};
+  bool budget_stalled_ = false;  // I/O thread: the last delivery waited for the shared budget
 
   // I/O thread state.
   uint64_t send_popped_ = 0;

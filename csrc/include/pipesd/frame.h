@@ -14,9 +14,12 @@
 namespace pipesd {
 
 constexpr uint32_t kFrameMagic = 0x31445350;  // the bytes "PSD1" read as a little-endian u32
-constexpr uint16_t kProtocolVersion = 2;
+constexpr uint16_t kProtocolVersion = 3;
 constexpr size_t kFrameHeaderSize = 32;
 constexpr uint32_t kDefaultMaxPayload = 16u << 20;  // 16 MiB
+// PING and PONG carry a small opaque payload (a timestamp): anything longer is refused in the
+// header, so a flood of pings can never make a peer queue large echoes.
+constexpr uint32_t kMaxPingPayload = 64;
 
 enum class FrameType : uint16_t {
   kHello = 1,
@@ -48,6 +51,8 @@ enum class ErrorCode : uint32_t {
   kTooLong = 7,
   kInternal = 8,
   kBusy = 9,
+  kTimeout = 10,
+  kOverloaded = 11,
 };
 
 // "HELLO", "DRAFT", ...; "UNKNOWN" for a value outside the enum.
@@ -76,7 +81,8 @@ void EncodeHeader(const FrameHeader& header, uint8_t* out32);
 // Reads 32 header bytes without validating them.
 FrameHeader DecodeHeader(const uint8_t* in32);
 // Throws ProtocolError naming the bad value and what was expected: wrong magic, unsupported
-// version, unknown type, reserved or misplaced flags, payload_len > max_payload.
+// version, unknown type, reserved or misplaced flags, payload_len > max_payload, a PING or PONG
+// payload over kMaxPingPayload.
 void ValidateHeader(const FrameHeader& header, uint32_t max_payload = kDefaultMaxPayload);
 
 // Header plus payload. The payload_len written is payload.size(); header.payload_len is ignored
@@ -150,8 +156,10 @@ struct CostTable {
 
 struct HelloOk {
   uint64_t session = 0;
-  std::string model_fingerprint;
+  std::string model_fingerprint;  // UTF-8
   uint32_t max_ctx = 0;
+  uint32_t max_window = 0;  // most drafts one verification may cover (0: no limit announced)
+  uint32_t max_dist = 0;    // most entries in one draft distribution (0: no limit announced)
   CostTable costs;
 };
 
@@ -185,9 +193,12 @@ struct Verdict {
 
 // The payload of an ERROR frame (not an exception: those derive from PipesdError).
 struct Error {
-  uint32_t code = 0;  // an ErrorCode; kept raw so that a newer peer's code still decodes
-  std::string message;
+  uint32_t code = 0;    // an ErrorCode; kept raw so that a newer peer's code still decodes
+  std::string message;  // UTF-8
 };
+
+// True when s is well-formed UTF-8 (no overlong forms, surrogates or code points past U+10FFFF).
+bool IsValidUtf8(const std::string& s);
 
 std::vector<uint8_t> EncodeHello(const Hello& m);
 Hello DecodeHello(const std::vector<uint8_t>& payload);
