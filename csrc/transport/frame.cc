@@ -428,7 +428,10 @@ void FrameParser::CheckPendingHeader() {
     // The same order as ValidateHeader: the first check that failed names the code.
     if (h.magic == kFrameMagic && h.version != kProtocolVersion) {
       error_code_ = ErrorCode::kBadVersion;
-    } else if (h.magic == kFrameMagic && h.payload_len > max_payload_ &&
+    } else if (h.magic == kFrameMagic &&
+               (h.payload_len > max_payload_ ||
+                ((h.type == FrameType::kPing || h.type == FrameType::kPong) &&
+                 h.payload_len > kMaxPingPayload)) &&
                IsKnownFrameType(static_cast<uint16_t>(h.type)) && (h.flags & ~kKnownFlags) == 0 &&
                (h.flags == 0 || h.type == FrameType::kDraft)) {
       error_code_ = ErrorCode::kTooLong;

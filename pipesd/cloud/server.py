@@ -494,6 +494,7 @@ class Session:
                 raise SessionError(
                     ErrorCode.UNKNOWN_SESSION, f"HELLO names session {frame.session}, expected 0"
                 )
+            self._timer.cancel()  # HELLO came in time; acquiring a target may queue a while
             await self._hello(frame)
             return
         if frame.session != self.sid:
