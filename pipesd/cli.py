@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -410,10 +411,13 @@ def cmd_cloud(args: argparse.Namespace) -> int:
 
     from pipesd.cloud.server import CloudServer, serve_forever
 
+    # The log goes to a duplicate of descriptor 2: llama.cpp's loaders point descriptor 2 at
+    # /dev/null while a target context opens (on another thread), and the server's lines
+    # written meanwhile must not vanish with their output.
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="pipesd cloud: %(message)s",
-        stream=sys.stderr,
+        stream=open(os.dup(2), "w", buffering=1, errors="backslashreplace"),  # noqa: SIM115
     )
     token = read_token_file(args.auth_token_file) if args.auth_token_file else None
     server = CloudServer(

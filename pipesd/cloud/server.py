@@ -27,6 +27,7 @@ import logging
 import signal
 import socket
 import sys
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -140,7 +141,11 @@ def is_loopback(host: str) -> bool:
 
 
 class TargetPool:
-    """Target instances with their own KV caches over one set of weights (or one mmap)."""
+    """Target instances with their own KV caches over one set of weights (or one mmap).
+
+    Thread-safe: contexts are opened on the server's opener thread while the worker thread
+    runs passes and returns released contexts.
+    """
 
     def __init__(
         self, path: Path, *, backend: str, device: str, n_ctx: int, threads: int | None
@@ -149,10 +154,12 @@ class TargetPool:
         self.n_ctx, self.threads = n_ctx, threads
         self.first = load_target(path, backend=backend, device=device, n_ctx=n_ctx, threads=threads)
         self.idle: list[TargetBackend] = [self.first]
+        self._lock = threading.Lock()
 
     def acquire(self) -> TargetBackend:
-        if self.idle:
-            return self.idle.pop()
+        with self._lock:
+            if self.idle:
+                return self.idle.pop()
         if isinstance(self.first, TorchTarget):
             return self.first.fork()
         return load_target(
@@ -162,13 +169,15 @@ class TargetPool:
 
     def release(self, target: TargetBackend) -> None:
         target.truncate(0)
-        self.idle.append(target)
+        with self._lock:
+            self.idle.append(target)
 
     def close(self) -> None:
-        for t in self.idle:
+        with self._lock:
+            idle, self.idle = self.idle, []
+        for t in idle:
             if isinstance(t, LlamaCppModel):
                 t.close()
-        self.idle = []
 
 
 class CloudServer:
@@ -227,6 +236,9 @@ class CloudServer:
         self._accept_backoff = 0.0  # seconds; > 0 while accepting is paused (out of fds)
         self._ids = itertools.count(1)
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipesd-target")
+        # Opening a target context takes a while (a model load for llama.cpp): it runs on its
+        # own thread, so a new session does not wait behind every queued pass, nor they on it.
+        self._opener = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipesd-open")
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -274,6 +286,7 @@ class CloudServer:
             for s in list(self.sessions.values()) + list(self.waiting_hello.values()):
                 s.end("server shutting down", bye=True)
             await asyncio.sleep(0)
+            self._opener.shutdown(wait=True)
             self._compute.shutdown(wait=True)
             for s in list(Session.lingering):
                 s._finish()
@@ -375,6 +388,12 @@ class CloudServer:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._compute, fn, *args)
 
+    async def open_target(self) -> TargetBackend:
+        """A target context for a new session: an idle one, or one opened on the opener
+        thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._opener, self.pool.acquire)
+
     def hello_ok(self, sid: int, costs: list[float]) -> HelloOk:
         lim = self.limits
         return HelloOk(sid, self.fingerprint, self.n_ctx, costs, max_window=lim.max_window,
@@ -415,6 +434,13 @@ class Session:
             if self.ep.closed:
                 self._finish()
             return
+        if self.busy and self.ep.closed:
+            # The edge hung up while a pass of its own (or its context) is on the way: the
+            # session ends now, not when that work is done, so it no longer counts against
+            # --max-sessions and its target goes back to the pool right after that pass.
+            self._peer_gone("its pass in progress is discarded")
+            self.end(None)
+            return
         self._wake.set()
 
     async def run(self) -> None:
@@ -431,17 +457,25 @@ class Session:
                 if self.greeted:
                     self._arm_idle()
                 await self.handle(frame)
+                # One frame per turn: a client that floods cheap frames (PINGs) must not keep
+                # the loop from every other session.
+                await asyncio.sleep(0)
         except PeerGone as e:
-            self._peer_gone(str(e))
+            if not self.closed:
+                self._peer_gone(str(e))
         except SessionError as e:
-            self.fail(e.code, str(e))
+            if not self.closed:
+                self.fail(e.code, str(e))
         except PromptTooLongError as e:
-            self.fail(ErrorCode.TOO_LONG, str(e))
+            if not self.closed:
+                self.fail(ErrorCode.TOO_LONG, str(e))
         except ProtocolError as e:
-            self.fail(ErrorCode.BAD_FRAME, str(e))
+            if not self.closed:
+                self.fail(ErrorCode.BAD_FRAME, str(e))
         except Exception as e:  # a bug or a failing model: this session only
-            log.exception("session %d from %s: internal error", self.sid, self.peer)
-            self.fail(ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")
+            if not self.closed:
+                log.exception("session %d from %s: internal error", self.sid, self.peer)
+                self.fail(ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")
         finally:
             self.end(None)
 
@@ -552,14 +586,21 @@ class Session:
             )
         server.waiting_hello.pop(self.sid, None)
         server.sessions[self.sid] = self
+        self.busy = True
         try:
-            self.target = await self._compute("HELLO", server.pool.acquire)
+            target = await server.open_target()
         except (OSError, RuntimeError, ValueError, PipesdError) as e:
             # Out of descriptors or memory for another target context: a capacity limit.
             why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             raise SessionError(
                 ErrorCode.BUSY, f"cannot open a target context for another session: {why}"
             ) from None
+        finally:
+            self.busy = False
+        if self.closed:  # the edge left while its context was opening
+            server.release_target(target)
+            raise PeerGone("its target context was returned")
+        self.target = target
         self.greeted = True
         self._arm_idle()
         self.costs_sent = server.cost_table_ms()
