@@ -111,6 +111,25 @@ class CloudLink:
 
     # ------------------------------------------------------------------ connection
     def connect(self) -> None:
+        """Connects and says HELLO. A connection that is lost during the handshake, or a HELLO
+        left unanswered, is tried again with back-off for up to ``reconnect_timeout``; a cloud
+        that cannot be reached at all (TransportError) or that refuses (RemoteError) fails at
+        once."""
+        deadline = time.monotonic() + self.reconnect_timeout
+        delay = 0.05
+        while True:
+            try:
+                self._connect_once()
+                return
+            except LinkLostError as e:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                log.info("%s; trying again", e)
+            time.sleep(min(delay, left))
+            delay = min(2 * delay, 1.0)
+
+    def _connect_once(self) -> None:
         """Connects and says HELLO once; raises TransportError / RemoteError on failure."""
         self._drop()
         opts = EndpointOptions(connect_timeout_ms=int(1000 * self.connect_timeout))
@@ -153,7 +172,7 @@ class CloudLink:
         while True:
             attempts += 1
             try:
-                self.connect()
+                self._connect_once()
                 self.start(committed, self.params, epoch)
                 self.reconnects += 1
                 log.info("reconnected to %s after %d attempt(s)", self.address, attempts)

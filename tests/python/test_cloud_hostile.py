@@ -10,6 +10,8 @@ per token with and without attacks is printed (``pytest -s``) for information on
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import socket
 import statistics
 import struct
@@ -35,6 +37,7 @@ from pipesd._core import (
     encode_prefill,
     make_draft_frame,
 )
+from pipesd.edge.client import CloudLink
 
 PROMPT = "def fibonacci(n):\n"
 N_NEW = 40
@@ -345,3 +348,27 @@ def test_out_of_descriptors_pauses_accepting_then_serves_again(
             assert gen.generate(PROMPT, max_new_tokens=N_NEW).tokens == reference
         assert cloud.alive()
         assert "Traceback" not in cloud.log()
+
+
+def test_an_unanswered_hello_is_tried_again(smollm_path: Path, smollm_vocab,
+                                            tmp_path: Path) -> None:  # fmt: skip
+    """A cloud that takes a HELLO but does not answer in time (here: stopped) is connected to
+    again within the reconnect timeout, not given up on after one try."""
+    n_vocab, fingerprint, _ = smollm_vocab
+    with CloudProcess(smollm_path, tmp_path / "cloud.log", args=("--ctx", "1024")) as cloud:
+        os.kill(cloud.pid, signal.SIGSTOP)
+        resume = threading.Timer(2.5, os.kill, (cloud.pid, signal.SIGCONT))
+        resume.start()
+        t0 = time.monotonic()
+        try:
+            link = CloudLink(cloud.address, vocab_size=n_vocab, tokenizer_hash=fingerprint,
+                             connect_timeout=1.0, reconnect_timeout=20.0)  # fmt: skip
+        finally:
+            resume.join()
+        waited = time.monotonic() - t0
+        try:
+            assert link.session > 0 and waited >= 2.5
+        finally:
+            link.close()
+        wait_for(lambda: "started" in cloud.log(), 10, "the session's log line")
+        assert cloud.alive()
