@@ -72,6 +72,7 @@ from pipesd import Generator, models
 from pipesd.link import SCENARIOS, Link
 from pipesd.netaddr import parse_hostport
 from pipesd.policies import POLICIES
+from pipesd.tune import stop_process
 from pipesd.workloads import gsm8k_prompts, jsonl_prompts
 
 DATASETS = HERE.parent.parent / "shared" / "datasets"
@@ -234,14 +235,7 @@ class CloudChild:
             return sum(1 for line in f if line.rstrip().endswith(self.target))
 
     def stop(self) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_process(self.proc)
 
 
 class LinkChild:

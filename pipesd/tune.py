@@ -120,6 +120,18 @@ def pin(core: int, pid: int = 0) -> None:
         os.sched_setaffinity(pid, {core})
 
 
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 30.0) -> int:
+    """SIGTERM, then SIGKILL if the process has not exited within ``timeout``; its status."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return int(proc.returncode)
+
+
 @contextlib.contextmanager
 def cloud_process(target: str, *, ctx: int, backend: str = "auto", device: str = "cpu",
                   core: int = 1, timeout: float = 300.0) -> Iterator[str]:  # fmt: skip
@@ -157,12 +169,7 @@ def cloud_child(target: str, *, ctx: int, backend: str = "auto", device: str = "
             time.sleep(0.05)
         yield f"127.0.0.1:{m.group(2)}", proc.pid
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         log.unlink(missing_ok=True)
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import re
 import resource
-import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from pipesd.tune import stop_process
 
 PIPESD = [sys.executable, "-m", "pipesd.cli"]
 READY = re.compile(r"listening on (\S+):(\d+) ")
@@ -101,14 +102,7 @@ class CloudProcess:
     def stop(self) -> int:
         """SIGTERM and wait; returns the exit status."""
         assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return int(self.proc.returncode)
+        return stop_process(self.proc)
 
     def __enter__(self) -> CloudProcess:
         return self
