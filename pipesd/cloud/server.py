@@ -419,6 +419,8 @@ class Session:
         self.greeted = False
         self.closed = False
         self.busy = False  # a forward pass of this session is queued or running
+        self.work = ""  # what that pass is (PREFILL, verification, HELLO)
+        self.work_started = False  # it is running (set on the worker thread)
         self.verifies = 0
         self.stale_frames = 0
         self.costs_sent: list[float] = []  # the cost table (ms) this edge was last told
@@ -438,7 +440,9 @@ class Session:
             # The edge hung up while a pass of its own (or its context) is on the way: the
             # session ends now, not when that work is done, so it no longer counts against
             # --max-sessions and its target goes back to the pool right after that pass.
-            self._peer_gone("its pass in progress is discarded")
+            started = self.work_started
+            self._peer_gone(f"the {self.work} under way is discarded" if started
+                            else f"dropped its queued {self.work}")  # fmt: skip
             self.end(None)
             return
         self._wake.set()
@@ -504,9 +508,10 @@ class Session:
         def guarded() -> T:
             if self.closed or self.ep.closed:
                 raise PeerGone(f"dropped its queued {what}")
+            self.work_started = True
             return fn()
 
-        self.busy = True
+        self.busy, self.work, self.work_started = True, what, False
         try:
             return await self.server.compute(guarded)
         finally:
@@ -586,7 +591,7 @@ class Session:
             )
         server.waiting_hello.pop(self.sid, None)
         server.sessions[self.sid] = self
-        self.busy = True
+        self.busy, self.work, self.work_started = True, "context opening", True
         try:
             target = await server.open_target()
         except (OSError, RuntimeError, ValueError, PipesdError) as e:
