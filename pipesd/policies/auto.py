@@ -20,18 +20,24 @@ let the target decode alone. docs/policies.md states the rule; the symbols here 
     rate(n) = E(n) / T(n);   rate_alone = 1 / V(1) (the target decoding alone, streamed)
 
 After the k-th draft, n* = argmax over n in [k, N_max] of rate(n), with a_i known for i <= k
-and a_bar beyond: verify now iff n* = k. If even rate(n*) is below rate_alone, the window
-closes now, nothing is drafted during its verification, and the next window's start decides
-anew. Costs are not monotone in n (a staircase), so every n is evaluated, not just the next.
+and a_bar beyond: verify now iff n* = k. If even rate(n*) is below rate_alone, nothing is
+drafted during this window's verification, and the next window's start decides anew. Costs
+are not monotone in n (a staircase), so every n is evaluated, not just the next.
 
 Between windows, with B tokens still to produce, speculating pays when
-c * behind + B / max_n rate(n) < B / rate_alone (a_bar everywhere), where c * behind is the
-drafter catching up on the tokens it has not seen (the prompt in local mode, the tokens
-decoded alone). Otherwise the target decodes alone for a block of tokens and the rule is
-asked again; coming back from the target alone needs a predicted gain of 10% (no flapping on
-noise). Through a network the idle edge guesses each token decoded alone with the drafter
-(when a guess is quicker than the cloud's step), which keeps it caught up and a_bar fresh for
-free; otherwise one probe window refreshes a_bar after each block, provided speculation would
+c * behind + B / rate_spec < B / rate_alone, where c * behind is the drafter catching up on
+the tokens it has not seen (the prompt in local mode, the tokens decoded alone) and rate_spec
+is the rule replayed over the last 64 guesses of the drafter along the sequence (from
+verdicts and shadow guesses: each window's drafts up to the first rejected one): windows
+closed as the rule closes them, committing what was really accepted, at T(n). a_bar follows
+the last few drafts and its start (0.75) sits at break-even on the F16 target: as the test of
+whether to speculate it sent 15-20% of the tokens to the target alone on replayed F16 traces
+and lost 10% (docs/policies.md). Until 16 guesses are seen, a window is tried if rate(n*) at
+a_bar + 0.15 would pay. Otherwise the target decodes alone for a block of tokens and the rule
+is asked again; coming back from the target alone needs a predicted gain of 10% (no flapping
+on noise). Through a network the idle edge guesses each token decoded alone with the drafter
+when a guess costs under 30% of the cloud's step, which keeps it caught up and the trace
+fresh; otherwise one probe window refreshes them after each block, provided speculation would
 pay at a_bar + 0.15, and the block doubles (8 .. 64 tokens) while probes keep confirming.
 
 The pipeline is PipeSD's: the DP plans how the window is streamed and the edge drafts during
@@ -40,6 +46,7 @@ verification.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -60,7 +67,11 @@ SWITCH_MARGIN = 1.1
 #: A probe window is run only if speculation would pay at a_bar + OPTIMISM.
 OPTIMISM = 0.15
 #: The edge guesses alone tokens only while a guess costs less than this share of V(1).
-SHADOW_FRACTION = 0.7
+#: Measured (Q4_K_M target, s1, bench/RESULTS.md): guesses at 0.7 of V(1) slowed the stream
+#: 12% (edge CPU beside the link); below 0.3 (the F16 target) they are cheap.
+SHADOW_FRACTION = 0.3
+#: Guesses along the sequence kept for the replay, and the fewest the replay needs.
+TRACE_LEN, TRACE_MIN = 64, 16
 
 
 @dataclass(frozen=True)
@@ -121,6 +132,41 @@ def best_window(known: Sequence[float], future: float, model: CycleModel,
     return best_n, best_rate
 
 
+def replay_rate(
+    trace: Sequence[tuple[float, bool]],
+    prob: Callable[[float], float],
+    future: float,
+    model: CycleModel,
+    max_window: int = MAX_WINDOW,
+) -> float | None:
+    """rate_spec: tokens per second the rule would have committed over ``trace``, the
+    drafter's guesses at successive positions of the sequence (confidence, right or not).
+
+    A window from position i sees the guesses i, i + 1, ... (draft j + 1 of a window is the
+    guess after j accepted ones); the rule closes it as it would live, it commits the guesses
+    right in a row plus one, and costs T(n), its drafting hidden when the guess after the
+    window is right as well. None if the trace holds less than one window."""
+    i, tokens, seconds = 0, 0, 0.0
+    size = len(trace)
+    while i < size:
+        probs: list[float] = []
+        for k in range(i, size):
+            probs.append(prob(trace[k][0]))
+            if best_window(probs, future, model, max_window)[0] <= len(probs):
+                break
+        n = len(probs)
+        right = 0
+        while right < n and trace[i + right][1]:
+            right += 1
+        if right == size - i:
+            break  # the window runs to the trace's end: its outcome is not known
+        full = right == n and trace[i + n][1]
+        tokens += right + 1
+        seconds += cycle_time(n, 1.0 if full else 0.0, model)
+        i += right + 1
+    return tokens / seconds if seconds > 0 else None
+
+
 def alone_rate(model: CycleModel) -> float:
     """Tokens per second of the target decoding alone (one pass of one token each)."""
     v1 = model.pass_s(1)
@@ -165,6 +211,9 @@ class AutoPolicy(PipeSDPolicy):
         self.block = MIN_BLOCK
         self._probe_next = False
         self._shadowed = False
+        # The drafter's guesses along the sequence: (confidence, right), from verdicts and
+        # shadow guesses, for the replay that says whether speculation pays.
+        self.trace: collections.deque[tuple[float, bool]] = collections.deque(maxlen=TRACE_LEN)
         self.alone_blocks = 0  # blocks decoded by the target alone (statistics)
         self.decisions = 0
 
@@ -217,11 +266,11 @@ class AutoPolicy(PipeSDPolicy):
             return pending >= self.fallback_len
         self.decisions += 1
         n_best, rate = best_window(self._probs[:pending], self.future, model, self.max_window)
-        if rate < alone_rate(model):
-            # These drafts say speculation no longer pays: close the window now, draft nothing
-            # during its verification, and let the rule choose at the next window's start.
-            self._leaving = True
-            return True
+        # If these drafts say no window beats the target alone, nothing is drafted during the
+        # window's verification and the next window's start decides anew. The window still
+        # ends where the rule says: closing it early loses more than it saves (a window in a
+        # hard stretch is short anyway).
+        self._leaving = rate < alone_rate(model)
         return n_best <= pending
 
     @property
@@ -241,6 +290,8 @@ class AutoPolicy(PipeSDPolicy):
         self.curve.observe(verdict.drafted + 1, verdict.verify_s)
         window = self._submitted if self._submitted is not None else []
         self.acceptance.update(window[: verdict.drafted], verdict.accepted)
+        judged = min(verdict.accepted + 1, verdict.drafted, len(window))
+        self.trace.extend((c, i < verdict.accepted) for i, c in enumerate(window[:judged]))
         self._submitted = None
 
     def on_rollback(self) -> None:
@@ -257,6 +308,7 @@ class AutoPolicy(PipeSDPolicy):
 
     def on_shadow(self, confidence: float, accepted: bool) -> None:
         self.acceptance.observe(confidence, accepted)
+        self.trace.append((confidence, accepted))
         a = self.acceptance.prob(confidence)
         self.future = (1 - self.ewma) * self.future + self.ewma * a
         self._shadowed = True
@@ -264,19 +316,30 @@ class AutoPolicy(PipeSDPolicy):
     def decode_alone(self, *, budget: int, behind: int) -> int:
         self._leaving = False
         model = self.cycle_model()
-        if model is None or budget < 2:
+        if budget == 1 and model is not None:
+            # No draft fits (k drafts yield up to k + 1 tokens), and drafting would first cost
+            # the drafter's catch-up on every token it has not seen.
+            return 1
+        if model is None or budget < 1:
             return 0
         alone = alone_rate(model)
         # Resuming speculation first costs the drafter's catch-up over what it has not seen.
         catch_up = behind * self.draft_prefill_s
 
-        def pays(acceptance: float) -> bool:
-            _, spec = best_window([], acceptance, model, self.max_window)
+        def pays(spec: float) -> bool:
             # Back from the target alone only by a margin, so that noise cannot flap it.
             margin = SWITCH_MARGIN if self.alone_blocks else 1.0
             return spec > 0 and catch_up + budget / spec < budget / alone / margin
 
-        if pays(self.future):
+        def hopeful() -> float:  # rate(n*) at an optimistic a_bar: could a window pay?
+            return best_window([], min(0.99, self.future + OPTIMISM), model, self.max_window)[1]
+
+        spec = replay_rate(self.trace, self.acceptance.prob, self.future, model, self.max_window)
+        if len(self.trace) < TRACE_MIN or spec is None:
+            # Too little seen to replay: a window is tried if it could pay (it costs at most
+            # one cycle, and a uniform a_bar undervalues a rule that adapts each window).
+            spec = hopeful()
+        if pays(spec):
             self.block, self._probe_next = MIN_BLOCK, False
             return 0
         shadowed, self._shadowed = self._shadowed, False
@@ -286,7 +349,7 @@ class AutoPolicy(PipeSDPolicy):
             # One window refreshes the estimates, unless even an optimistic acceptance would
             # not make speculation pay (then a probe could only cost time).
             self._probe_next = False
-            if pays(min(0.99, self.future + OPTIMISM)):
+            if pays(hopeful()):
                 return 0
         tokens = min(self.block, budget)
         if not shadowed:

@@ -16,10 +16,13 @@ from pipesd import Generator
 from pipesd.costs import PassCostCurve
 from pipesd.edge.drafter import DraftToken
 from pipesd.policies.auto import (
+    TRACE_MIN,
     AutoPolicy,
     CycleModel,
     alone_rate,
     best_window,
+    cycle_time,
+    replay_rate,
     window_rate,
 )
 from pipesd.policies.calibration import AcceptanceModel
@@ -123,13 +126,67 @@ def test_online_trigger_follows_the_rule() -> None:
             model = p.cycle_model()
             assert model is not None
             n_best, rate = best_window(probs, future, model, p.max_window)
-            # Verify where the window should end, or at once if no window beats the target
-            # alone any more (then nothing is drafted during that verification).
-            expect = n_best <= pending or rate < alone_rate(model)
+            # Verify where the window should end; if no window beats the target alone any
+            # more, nothing is drafted during that verification.
+            expect = n_best <= pending
             assert p.should_verify(pending, DraftToken(1, c, None)) == expect
             assert (p.wait_drafts == 0) == (rate < alone_rate(model))
             if expect:
                 break
+
+
+def test_replay_closes_windows_as_the_rule_and_commits_what_was_right() -> None:
+    """On the staircase at confidence 0.99 the rule drafts 3 (a pass of 4): a trace of right
+    guesses replays as windows of 3 committing 4 tokens, their drafting hidden behind the
+    wait; a wrong guess ends its window with the correction."""
+    model = CycleModel(pass_s=CURVES["staircase"], gamma_s=20 * MS, rtt_s=0.04, overlap=True)
+    sure = 0.99
+    assert best_window([sure] * 3, sure, model, 31)[0] == 3
+
+    def prob(c: float) -> float:
+        return c
+
+    right = [(sure, True)] * 41
+    # 41 guesses: 10 full windows of 4 positions each, the 41st the guess after the last one.
+    assert replay_rate(right, prob, sure, model) == pytest.approx(
+        40 / (10 * cycle_time(3, 1.0, model))
+    )
+    # The second guess wrong: the first window commits 1 right + the correction (2 tokens,
+    # nothing hidden); the next starts at position 2 and runs as before.
+    mixed = [(sure, True), (sure, False)] + [(sure, True)] * 41
+    expect = (2 + 40) / (cycle_time(3, 0.0, model) + 10 * cycle_time(3, 1.0, model))
+    assert replay_rate(mixed, prob, sure, model) == pytest.approx(expect)
+    assert replay_rate([(sure, True)] * 3, prob, sure, model) is None  # no window's outcome
+
+
+def test_speculation_is_judged_by_the_rule_replayed_not_by_a_bar() -> None:
+    """a_bar follows the last few drafts: a hard stretch pulls it to where no window pays on
+    the F16 target's measured curve. The last 64 guesses say more: easy stretches (right at
+    0.99) broken by single wrong guesses, where the rule drafts long windows and speculation
+    pays; a trace of wrong guesses keeps the target alone whatever a_bar says."""
+    f16 = [146, 238, 283, 283, 293, 313, 404, 413, 443, 464, 479, 516, 572, 597, 631, 638]
+    curve = [v * MS for v in f16] + [(661 + 40 * i) * MS for i in range(16)]
+
+    def policy(trace: list[tuple[float, bool]], future: float) -> AutoPolicy:
+        p = AutoPolicy()
+        p.bind(pass_costs=lambda: curve, overlap=True, draft_s=0.036, draft_prefill_s=0.009)
+        p.monitor.on_rtt(0.04)
+        p.acceptance = AcceptanceModel(bins=10, prior=1e6)  # a_i = the confidence's bin centre
+        p.future = future
+        p.trace.extend(trace)
+        return p
+
+    model = policy([], 0.55).cycle_model()
+    assert model is not None
+    assert best_window([], 0.55, model, 31)[1] < alone_rate(model)
+    easy = ([(0.99, True)] * 8 + [(0.3, False)]) * 6
+    assert len(easy) >= TRACE_MIN
+    assert policy(easy, 0.55).decode_alone(budget=200, behind=0) == 0
+    hard = [(0.3, False)] * 40
+    assert best_window([], 0.9, model, 31)[1] > alone_rate(model)
+    assert policy(hard, 0.9).decode_alone(budget=200, behind=0) > 0
+    # One token left: no draft fits, the target decodes it.
+    assert policy(easy, 0.9).decode_alone(budget=1, behind=0) == 1
 
 
 def test_acceptance_learns_and_round_trips(tmp_path: Path) -> None:
