@@ -23,7 +23,10 @@ from pipesd.llama_backend import LlamaCppModel
 from pipesd.policies.base import DraftPolicy
 from pipesd.sampling import SamplingParams, SparseDist
 
-#: Prompt tokens the drafter evaluates between two looks for the cloud's first token.
+#: Prompt tokens the drafter evaluates between two looks for the cloud's first token: as many
+#: as take about this long at its present speed (so the first token waits at most that), and
+#: PREFILL_CHUNK while its speed is unknown.
+PREFILL_SLICE_S = 0.1
 PREFILL_CHUNK = 32
 #: While the target decodes alone, the edge's catch-up per token takes at most this share of
 #: one target step.
@@ -334,7 +337,7 @@ class SpecDecoder:
             self._start(ledger, list(prompt), stats)
         if self.policy is not None:
             if self.link is not None:
-                draft_s, draft_prefill_s = self.drafter.costs if self.drafter else (0.0, 0.0)
+                draft_s, draft_prefill_s = self.drafter.live_costs if self.drafter else (0.0, 0.0)
                 self.policy.bind(pass_costs=self.link.pass_costs,
                                  overlap=self.link.max_inflight > 1, draft_s=draft_s,
                                  draft_prefill_s=draft_prefill_s)  # fmt: skip
@@ -433,7 +436,9 @@ class SpecDecoder:
         if self.trace is not None:
             self.trace.append(("draft", t0, t1))
         if self.policy is not None:
-            self.policy.on_draft_time(t1 - t0)
+            if self.drafter.last_fed == 1:  # a catch-up is no draft time
+                self.policy.on_draft_time(t1 - t0)
+            self.policy.on_draft_costs(*self.drafter.live_costs)
         self._dists.append(d.dist)
         self._last = d
         stats.drafted += 1
@@ -537,7 +542,11 @@ class SpecDecoder:
                 verdict = self.link.wait(0.0)
                 if verdict is not None:
                     break
-                more = self.drafter.prefill(ledger, max_tokens=PREFILL_CHUNK)
+                per_token = self.drafter.live_costs[1]
+                chunk = max(2, int(PREFILL_SLICE_S / per_token)) if per_token > 0 else PREFILL_CHUNK
+                more = self.drafter.prefill(ledger, max_tokens=chunk)
+            if self.policy is not None:
+                self.policy.on_draft_costs(*self.drafter.live_costs)
             if self.trace is not None:
                 self.trace.append(("draft", t0, time.perf_counter()))
         self._close_window(ledger, stats, count=0, last_batch=0, t_send=t_send, first=True,
@@ -679,7 +688,7 @@ class SpecDecoder:
         if behind > 0:
             # Catch up first (the prompt's rest, if the first token came before the drafter
             # had evaluated it), a few tokens per step so that the stream never waits.
-            costs, prefill_s = self.link.pass_costs(), self.drafter.costs[1]
+            costs, prefill_s = self.link.pass_costs(), self.drafter.live_costs[1]
             step = PREFILL_CHUNK
             if costs and prefill_s > 0:
                 step = max(1, int(SHADOW_SHARE * costs[0] / prefill_s))

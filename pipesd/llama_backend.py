@@ -53,6 +53,7 @@ class LlamaCppModel:
 
         self._lc = llama_cpp
         self.path = Path(path)
+        self.n_threads = n_threads
         ctx = contextlib.nullcontext() if verbose else _quiet_stderr()
         try:
             with ctx:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import time
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from pipesd._core import SpeculationLedger, VerdictDecision
 from pipesd.llama_backend import LlamaCppModel
@@ -19,9 +21,19 @@ class DraftToken:
     dist: SparseDist | None  # the truncated distribution it was sampled from (None: greedy)
 
 
+#: Evaluations over which the drafter's slowdown (wall time over CPU time) is measured.
+SLOWDOWN_WINDOW = 16
+
+
 class Drafter:
     """Drafts one token at a time after ``ledger.tokens``; keeps its KV cache in step with the
-    ledger (it evaluates only the tokens it has not seen, and rolls back on a verdict)."""
+    ledger (it evaluates only the tokens it has not seen, and rolls back on a verdict).
+
+    ``costs`` are measured once per model file (``pipesd.costs.cached_draft_costs``); what the
+    drafter costs now is those times the slowdown it sees: wall time over CPU time of its
+    recent evaluations (a CPU quota, as on a phone or an IoT device emulated with a cgroup, or
+    a busy core shows as wall time the drafter did not compute). ``live_costs`` gives both.
+    """
 
     def __init__(self, model: LlamaCppModel, params: SamplingParams,
                  costs: tuple[float, float] = (0.0, 0.0)) -> None:  # fmt: skip
@@ -37,6 +49,31 @@ class Drafter:
         # sampled from the distribution cut to it, so the one sent is the one sampled from and
         # speculative sampling stays exact.
         self.max_dist = 0
+        self.last_fed = 0  # tokens the last draft evaluated (more than 1: it caught up first)
+        self._threads = max(1, model.n_threads)
+        self._timings: collections.deque[tuple[float, float]] = collections.deque(
+            maxlen=SLOWDOWN_WINDOW
+        )
+
+    def _evaluate(self, feed: list[int]) -> npt.NDArray[np.float32]:
+        """The model's logits after ``feed``, timed for the slowdown."""
+        w0, c0 = time.perf_counter(), time.process_time()
+        logits = self.model.decode(feed, all_logits=False)
+        self._timings.append((time.perf_counter() - w0, time.process_time() - c0))
+        return logits
+
+    @property
+    def slowdown(self) -> float:
+        """Wall time per CPU time of the recent evaluations (>= 1; 1 before any)."""
+        wall = sum(w for w, _ in self._timings)
+        cpu = sum(c for _, c in self._timings) / self._threads
+        return max(1.0, wall / cpu) if cpu > 0 else 1.0
+
+    @property
+    def live_costs(self) -> tuple[float, float]:
+        """(seconds per drafted token, per prompt token of a prefill) at the present speed."""
+        k = self.slowdown
+        return self.costs[0] * k, self.costs[1] * k
 
     def begin(self, ledger: SpeculationLedger) -> None:
         self.model.truncate(0)
@@ -49,7 +86,8 @@ class Drafter:
         if not feed:  # every token is cached but no logits are kept: re-evaluate the last one
             self.model.truncate(self.model.kv_len - 1)
             feed = ledger.tokens_from(self.model.kv_len)
-        logits = self.model.decode(feed, all_logits=False)[0]
+        self.last_fed = len(feed)
+        logits = self._evaluate(feed)[0]
         ledger.note_draft_kv(self.model.kv_len)
         if self.params.greedy:
             token, conf = greedy_with_confidence(logits)
@@ -75,7 +113,7 @@ class Drafter:
         if max_tokens is not None and len(feed) > max_tokens:
             feed, rest = feed[:max_tokens], True
         if feed:
-            self.model.decode(feed, all_logits=False)
+            self._evaluate(feed)
             ledger.note_draft_kv(self.model.kv_len)
         self.draft_s += time.perf_counter() - t0
         return rest
@@ -88,7 +126,7 @@ class Drafter:
         if not feed:
             self.model.truncate(self.model.kv_len - 1)
             feed = ledger.tokens_from(self.model.kv_len)
-        logits = self.model.decode(feed, all_logits=False)[0]
+        logits = self._evaluate(feed)[0]
         ledger.note_draft_kv(self.model.kv_len)
         token, conf = greedy_with_confidence(logits)
         self.draft_s += time.perf_counter() - t0

@@ -225,6 +225,12 @@ class AutoPolicy(PipeSDPolicy):
         self.draft_s, self.draft_prefill_s = draft_s, draft_prefill_s
         self._refresh_costs()
 
+    def on_draft_costs(self, draft_s: float, prefill_s: float) -> None:
+        if draft_s > 0:
+            self.draft_s = draft_s
+        if prefill_s > 0:
+            self.draft_prefill_s = prefill_s
+
     def _refresh_costs(self) -> None:
         table = self._link_costs()
         if table != self._link_table:
@@ -313,6 +319,20 @@ class AutoPolicy(PipeSDPolicy):
         self.future = (1 - self.ewma) * self.future + self.ewma * a
         self._shadowed = True
 
+    def hopeful_rate(self, model: CycleModel) -> float:
+        """rate(n*) at an optimistic a_bar: could a window pay at all?"""
+        return best_window([], min(0.99, self.future + OPTIMISM), model, self.max_window)[1]
+
+    def speculation_rate(self, model: CycleModel) -> float:
+        """rate_spec: the rule replayed over the trace, or while too little is seen to replay,
+        the hopeful rate (a window is tried if it could pay: it costs at most one cycle)."""
+        if len(self.trace) >= TRACE_MIN:
+            spec = replay_rate(self.trace, self.acceptance.prob, self.future, model,
+                               self.max_window)  # fmt: skip
+            if spec is not None:
+                return spec
+        return self.hopeful_rate(model)
+
     def decode_alone(self, *, budget: int, behind: int) -> int:
         self._leaving = False
         model = self.cycle_model()
@@ -322,6 +342,10 @@ class AutoPolicy(PipeSDPolicy):
             return 1
         if model is None or budget < 1:
             return 0
+        if self.curve.measured(1) is None:
+            # V(1) was never measured (no calibration): one token decoded alone measures it,
+            # where the estimate from larger passes would make the target alone look as dear.
+            return 1
         alone = alone_rate(model)
         # Resuming speculation first costs the drafter's catch-up over what it has not seen.
         catch_up = behind * self.draft_prefill_s
@@ -331,15 +355,7 @@ class AutoPolicy(PipeSDPolicy):
             margin = SWITCH_MARGIN if self.alone_blocks else 1.0
             return spec > 0 and catch_up + budget / spec < budget / alone / margin
 
-        def hopeful() -> float:  # rate(n*) at an optimistic a_bar: could a window pay?
-            return best_window([], min(0.99, self.future + OPTIMISM), model, self.max_window)[1]
-
-        spec = replay_rate(self.trace, self.acceptance.prob, self.future, model, self.max_window)
-        if len(self.trace) < TRACE_MIN or spec is None:
-            # Too little seen to replay: a window is tried if it could pay (it costs at most
-            # one cycle, and a uniform a_bar undervalues a rule that adapts each window).
-            spec = hopeful()
-        if pays(spec):
+        if pays(self.speculation_rate(model)):
             self.block, self._probe_next = MIN_BLOCK, False
             return 0
         shadowed, self._shadowed = self._shadowed, False
@@ -349,7 +365,7 @@ class AutoPolicy(PipeSDPolicy):
             # One window refreshes the estimates, unless even an optimistic acceptance would
             # not make speculation pay (then a probe could only cost time).
             self._probe_next = False
-            if pays(hopeful()):
+            if pays(self.hopeful_rate(model)):
                 return 0
         tokens = min(self.block, budget)
         if not shadowed:

@@ -70,6 +70,10 @@ class DraftPolicy(ABC):
     def on_rtt(self, seconds: float) -> None:
         """A round trip of a small frame to the cloud."""
 
+    def on_draft_costs(self, draft_s: float, prefill_s: float) -> None:
+        """The drafter's present seconds per drafted token and per prompt token (its measured
+        costs times the slowdown it sees now: ``Drafter.live_costs``)."""
+
     def on_window_timing(self, verdict: Verdict, last_batch: int, send_to_verdict_s: float) -> None:
         """A verified window: its last batch's size and the time from sending it to the
         verdict."""

@@ -7,6 +7,8 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -243,6 +245,55 @@ def test_auto_is_lossless_and_chooses_by_cost(smollm_path: Path, mild_draft: Pat
             assert compared >= 40
             res = gen.generate(prompt, max_new_tokens=40)
             assert res.stats.verifications >= 1 and res.stats.alone_tokens > 0
+
+
+SLOWED_DRAFTER = """
+import sys
+from pipesd._core import SpeculationLedger
+from pipesd.edge.drafter import Drafter
+from pipesd.llama_backend import LlamaCppModel
+from pipesd.sampling import SamplingParams
+model = LlamaCppModel(sys.argv[1], n_ctx=512)
+print("loaded", flush=True)
+sys.stdin.readline()  # in its cgroup now
+drafter = Drafter(model, SamplingParams(), (0.01, 0.002))
+ledger = SpeculationLedger(512)
+ledger.begin(model.tokenize("def double(x):\\n    return x * 2\\n" * 6))
+drafter.begin(ledger)
+while drafter.prefill(ledger, max_tokens=8):
+    pass
+for _ in range(6):
+    drafter.draft(ledger)
+print(drafter.slowdown, *drafter.live_costs, flush=True)
+"""
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.25])
+def test_drafter_costs_follow_its_cpu_quota(smollm_path: Path, fraction: float) -> None:
+    """The drafter's live costs are its measured ones times the slowdown it sees (wall time
+    over CPU time): about 1 on a free core, about 4 under a cgroup quota of 1/4 of a core
+    (a phone or IoT device in the bench), which is what ``auto`` then plans with."""
+    from pipesd import bench
+
+    with bench.cpu_limit(fraction, "drafter") as group:
+        cmd = [sys.executable, "-c", SLOWED_DRAFTER, str(smollm_path)]
+        child = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline().strip() == "loaded"
+        if group is not None:
+            bench.join_cgroup(group, child.pid)
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        out, _ = child.communicate(timeout=120)
+    assert child.returncode == 0
+    slowdown, draft_s, prefill_s = (float(v) for v in out.split())
+    assert draft_s == pytest.approx(0.01 * slowdown) and prefill_s == pytest.approx(
+        0.002 * slowdown
+    )
+    if fraction == 1.0:
+        assert slowdown < 1.6
+    else:
+        assert 2.5 < slowdown < 6.0
 
 
 def test_first_token_comes_from_the_prefill(smollm_path: Path, mild_draft: Path) -> None:
