@@ -31,9 +31,9 @@ is the rule replayed over the last 64 guesses of the drafter along the sequence 
 verdicts and shadow guesses: each window's drafts up to the first rejected one): windows
 closed as the rule closes them, committing what was really accepted, at T(n). a_bar follows
 the last few drafts and its start (0.75) sits at break-even on the F16 target: as the test of
-whether to speculate it sent 15-20% of the tokens to the target alone on replayed F16 traces
-and lost 10% (docs/policies.md). Until 16 guesses are seen, a window is tried if rate(n*) at
-a_bar + 0.15 would pay. Otherwise the target decodes alone for a block of tokens and the rule
+whether to speculate it sent 21% of the tokens to the target alone on replayed F16 traces
+and lost 11% (bench/bench_replay.py, docs/policies.md). Until 16 guesses are seen, a window
+is tried if rate(n*) at a_bar + 0.15 would pay. Otherwise the target decodes alone for a block of tokens and the rule
 is asked again; coming back from the target alone needs a predicted gain of 10% (no flapping
 on noise). Through a network the idle edge guesses each token decoded alone with the drafter
 when a guess costs under 30% of the cloud's step, which keeps it caught up and the trace
