@@ -24,21 +24,22 @@ and a_bar beyond: verify now iff n* = k. If even rate(n*) is below rate_alone, n
 drafted during this window's verification, and the next window's start decides anew. Costs
 are not monotone in n (a staircase), so every n is evaluated, not just the next.
 
-Between windows, with B tokens still to produce, speculating pays when
-c * behind + B / rate_spec < B / rate_alone, where c * behind is the drafter catching up on
-the tokens it has not seen (the prompt in local mode, the tokens decoded alone) and rate_spec
-is the rule replayed over the last 64 guesses of the drafter along the sequence (from
-verdicts and shadow guesses: each window's drafts up to the first rejected one): windows
-closed as the rule closes them, committing what was really accepted, at T(n). a_bar follows
-the last few drafts and its start (0.75) sits at break-even on the F16 target: as the test of
-whether to speculate it sent 21% of the tokens to the target alone on replayed F16 traces
-and lost 11% (bench/bench_replay.py, docs/policies.md). Until 16 guesses are seen, a window
-is tried if rate(n*) at a_bar + 0.15 would pay. Otherwise the target decodes alone for a block of tokens and the rule
-is asked again; coming back from the target alone needs a predicted gain of 10% (no flapping
-on noise). Through a network the idle edge guesses each token decoded alone with the drafter
-when a guess costs under 30% of the cloud's step, which keeps it caught up and the trace
-fresh; otherwise one probe window refreshes them after each block, provided speculation would
-pay at a_bar + 0.15, and the block doubles (8 .. 64 tokens) while probes keep confirming.
+Between windows, with B tokens still to produce, speculating pays when c * behind + B /
+rate_spec < B / rate_alone, where c * behind is the drafter catching up on the tokens it has
+not seen (the prompt in local mode, the tokens decoded alone) and rate_spec is the rule
+replayed over the last 64 guesses of the drafter along the sequence (from verdicts and
+shadow guesses: each window's drafts up to the first rejected one): windows closed as the
+rule closes them, committing what was really accepted, at T(n). a_bar follows the last few
+drafts and its start (0.75) sits at break-even on the F16 target: as the test of whether to
+speculate it sent 21% of the tokens to the target alone on replayed F16 traces and lost 11%
+(bench/bench_replay.py, docs/policies.md). Until 16 guesses are seen, a window is tried if
+rate(n*) at a_bar + 0.15 would pay. Otherwise the target decodes alone for a block of tokens
+and the rule is asked again; coming back from the target alone needs a predicted gain of 10%
+(no flapping on noise). Through a network the idle edge guesses each token decoded alone
+with the drafter when a guess costs under 30% of the cloud's step, which keeps it caught up
+and the trace fresh; otherwise one probe window refreshes them after each block, provided
+speculation would pay at a_bar + 0.15, and the block doubles (8 .. 64 tokens) while probes
+keep confirming.
 
 The pipeline is PipeSD's: the DP plans how the window is streamed and the edge drafts during
 verification.
