@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, cast
 from pipesd import models
 from pipesd.cloud.targets import load_target, pick_backend
 from pipesd.decoding import (
+    FirstTokenClock,
     GenerationResult,
     GenerationStats,
     LocalLink,
@@ -31,7 +32,7 @@ from pipesd.decoding import (
     TokenEvent,
     VerifyLink,
 )
-from pipesd.edge.drafter import Drafter
+from pipesd.edge.drafter import Drafter, new_timings
 from pipesd.errors import ModelError, TokenizerMismatchError
 from pipesd.llama_backend import LlamaCppModel, tokenizer_fingerprint
 from pipesd.policies import POLICIES, make_policy
@@ -206,6 +207,8 @@ class Generator:
         self.n_ctx = n_ctx
         self.pass_costs: list[float] = []
         self.draft_costs = (0.0, 0.0)
+        self.draft_timings = new_timings()  # the drafter's recent speed, across sequences
+        self.first_clock = FirstTokenClock()  # when first tokens came, across sequences
         if needs_draft and calibrate:
             from pipesd.costs import cached_draft_costs
 
@@ -302,7 +305,7 @@ class Generator:
         decoder = SpecDecoder(
             tokenizer=self.draft_model,
             drafter=(
-                Drafter(self.draft_model, params, self.draft_costs)
+                Drafter(self.draft_model, params, self.draft_costs, self.draft_timings)
                 if name != "target-only"
                 else None
             ),
@@ -311,6 +314,7 @@ class Generator:
             policy_name=name,
             policy=rule,
             trace=trace,
+            first_clock=self.first_clock,
         )
         stats = GenerationStats(policy=name)
         tokens: list[int] = []

@@ -36,8 +36,14 @@ CALIBRATION_CONTEXT = 64
 
 class PassCostCurve:
     """Per-size estimates of one pass's wall time: the median of the last ``window``
-    observations of that size, else a prior (a calibration or a peer's table), else a
-    conservative interpolation."""
+    observations of that size, else a prior (a calibration or a peer's table) scaled to the
+    speed observed now, else a conservative interpolation.
+
+    The scale (``level``) is what the observations say of the prior: a target measured 30%
+    slower than its calibration on the sizes it served (a busy machine) is 30% slower on the
+    others too, and a policy that compared fresh passes of one token with quiet calibrated
+    windows would see speculation pay where it does not.
+    """
 
     def __init__(self, *, max_size: int = CALIBRATED_SIZES, window: int = 9) -> None:
         if max_size < 1:
@@ -47,6 +53,7 @@ class PassCostCurve:
         self._prior: dict[int, float] = {}
         self.window = window
         self.version = 0  # bumped whenever an estimate may have changed
+        self._level = (-1, 1.0)  # (version it was computed at, level)
 
     # ------------------------------------------------------------------ inputs
     def observe(self, size: int, seconds: float) -> None:
@@ -63,12 +70,26 @@ class PassCostCurve:
         self.version += 1
 
     # ----------------------------------------------------------------- outputs
+    def level(self) -> float:
+        """Observed over prior: the median, over the sizes that have both, of the observed
+        median over the prior (1.0 when no size has both)."""
+        if self._level[0] != self.version:
+            ratios = [
+                statistics.median(obs) / self._prior[size]
+                for size, obs in self._obs.items()
+                if obs and size in self._prior
+            ]
+            self._level = (self.version, float(statistics.median(ratios)) if ratios else 1.0)
+        return self._level[1]
+
     def measured(self, size: int) -> float | None:
-        """The estimate at exactly ``size`` (observations, else the prior), if any."""
+        """The estimate at exactly ``size`` (observations, else the prior at the observed
+        level), if any."""
         obs = self._obs.get(size)
         if obs:
             return float(statistics.median(obs))
-        return self._prior.get(size)
+        prior = self._prior.get(size)
+        return prior * self.level() if prior is not None else None
 
     @property
     def known(self) -> bool:

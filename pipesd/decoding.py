@@ -10,6 +10,8 @@ verdict is pending the decoder can keep drafting (``DraftPolicy.wait_drafts``).
 from __future__ import annotations
 
 import codecs
+import collections
+import statistics
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -31,6 +33,39 @@ PREFILL_CHUNK = 32
 #: While the target decodes alone, the edge's catch-up per token takes at most this share of
 #: one target step.
 SHADOW_SHARE = 0.7
+#: A drafter this much slower than its measured speed (a CPU quota: a phone, an IoT device)
+#: goes idle before the first token is due, so that it has CPU time left to take it at once.
+THROTTLED = 1.5
+
+
+class FirstTokenClock:
+    """When the first token of a sequence through a network is due, from the sequences
+    before: the target's prefill time per prompt token (the cloud's own measure) and what
+    the wait takes beyond the prefill (round trip, queueing). One per Generator.
+
+    Measured (F16 target, s3: the 5G link, the edge limited to 1/5 of a core; time from the
+    end of the target's prefill to the token's emission): a drafter busy with the prompt and
+    with drafts until the token came took 87-387 ms to notice it, as each piece of its work
+    (a draft: 175 ms at that speed) and the quota it had used ran out first; idle from two
+    pieces before the token was due, 42-45 ms, as target-only (the link's round trip).
+    """
+
+    def __init__(self, keep: int = 8) -> None:
+        self._per_token: collections.deque[float] = collections.deque(maxlen=keep)
+        self._beyond: collections.deque[float] = collections.deque(maxlen=keep)
+
+    def observe(self, prompt_len: int, wait_s: float, prefill_s: float) -> None:
+        """A first token came ``wait_s`` after the PREFILL was sent; the target's prefill of
+        ``prompt_len`` tokens took ``prefill_s`` of that."""
+        if prompt_len > 0 and prefill_s > 0 and wait_s >= prefill_s:
+            self._per_token.append(prefill_s / prompt_len)
+            self._beyond.append(wait_s - prefill_s)
+
+    def due_in(self, prompt_len: int) -> float | None:
+        """Seconds from sending the PREFILL to its verdict, or None before any sequence."""
+        if not self._per_token:
+            return None
+        return statistics.median(self._per_token) * prompt_len + min(self._beyond)
 
 
 @dataclass(frozen=True)
@@ -274,11 +309,13 @@ class SpecDecoder:
         policy_name: str,
         policy: DraftPolicy | None,
         trace: list[tuple[str, float, float]] | None = None,
+        first_clock: FirstTokenClock | None = None,
     ) -> None:
-        """``trace``: if given, the decoder appends timeline events to it, as (kind, t,
-        value) with t on ``time.perf_counter``: ("draft", start, end), ("send", t, tokens),
-        ("verify", t, tokens) (a send closing a window) and ("verdict", t, cloud verify
-        seconds)."""
+        """``first_clock``: when first tokens came before (kept across sequences by the
+        caller; a new one if None). ``trace``: if given, the decoder appends timeline events
+        to it, as (kind, t, value) with t on ``time.perf_counter``: ("draft", start, end),
+        ("send", t, tokens), ("verify", t, tokens) (a send closing a window) and ("verdict",
+        t, cloud verify seconds)."""
         if policy_name != "draft-only" and link is None:
             raise ValueError(f"policy {policy_name} needs a target model")
         if policy_name != "target-only" and drafter is None:
@@ -305,7 +342,11 @@ class SpecDecoder:
         self._first_pending = False  # the prefill's verdict (the first token) is awaited
         self._prefill_unanswered = False  # target-only streaming: the next verdict is its
         self._alone_left = 0  # tokens the policy wants decoded by the target alone
+        self._drain = False  # the policy chose to speculate once the requests in flight land
         self._guess: DraftToken | None = None  # the drafter's guess of the next alone token
+        self.first_clock = first_clock if first_clock is not None else FirstTokenClock()
+        self._t_prefill = 0.0  # when the last PREFILL was sent
+        self._prompt_len = 0  # the tokens it prefills
         if drafter is not None and link is not None:
             drafter.max_dist = link.max_dist
 
@@ -342,7 +383,9 @@ class SpecDecoder:
                                  overlap=self.link.max_inflight > 1, draft_s=draft_s,
                                  draft_prefill_s=draft_prefill_s)  # fmt: skip
             self.policy.begin()
-        self._alone_left, self._guess = 0, None
+        self._alone_left, self._guess, self._drain = 0, None, False
+        if self._first_pending and self.policy is not None:
+            self._start_alone(max_new_tokens)
         emitted = len(prompt)
         produced = 0
         try:
@@ -379,6 +422,7 @@ class SpecDecoder:
 
     def _start(self, ledger: SpeculationLedger, prompt: list[int], stats: GenerationStats) -> float:
         assert self.link is not None
+        self._t_prefill, self._prompt_len = time.perf_counter(), len(prompt)
         try:
             seconds = self.link.start(prompt, self.params, ledger.epoch)
         except LinkLostError:
@@ -386,6 +430,21 @@ class SpecDecoder:
             return 0.0
         self._prefill_in_flight()
         return seconds
+
+    def _start_alone(self, budget: int) -> None:
+        """Before the first token through a network: if the policy would have the target
+        decode alone from the start, the prefill's verdict becomes the first of the target's
+        streamed tokens (the next ones are asked for at once, as target-only does), and the
+        drafter neither evaluates the prompt nor drafts while it waits."""
+        assert self.link is not None and self.policy is not None
+        if self.link.max_inflight <= 1:
+            return  # locally the first token is there at once: the policy is asked after it
+        # The drafter would evaluate the prompt while the target prefills: nothing behind.
+        alone = self.policy.decode_alone(budget=budget - 1, behind=0)
+        if alone > 0:
+            self._first_pending = False
+            self._inflight, self._prefill_unanswered = 1, True
+            self._alone_left = alone
 
     def _prefill_in_flight(self) -> None:
         """A PREFILL was sent: its verdict (the next output token) is the one awaited next."""
@@ -411,6 +470,8 @@ class SpecDecoder:
             self._round(ledger, stats, budget=budget)
         except LinkLostError:
             self._recover(ledger, stats)
+            if self._first_pending and self.policy is not None:
+                self._start_alone(budget)  # the resumed prefill gives the next token
 
     def _recover(self, ledger: SpeculationLedger, stats: GenerationStats) -> None:
         """The connection dropped: forget every draft, resume from the committed prefix."""
@@ -419,11 +480,12 @@ class SpecDecoder:
         self._dists, self._last, self._wait_fired = [], None, False
         self._inflight = 0
         self._first_pending = False
-        self._guess = None
+        self._guess, self._alone_left, self._drain = None, 0, False
         if self.policy is not None:
             self.policy.on_rollback()
         if self.drafter is not None:
             self.drafter.sync(ledger)
+        self._t_prefill, self._prompt_len = time.perf_counter(), ledger.committed_len
         self.link.recover(ledger.committed(), ledger.epoch)
         self._prefill_in_flight()
         stats.reconnects += 1
@@ -487,19 +549,27 @@ class SpecDecoder:
         if self._first_pending:
             self._first_token(ledger, stats)
             return
+        # Between windows, or as the target's block alone runs out (its last requests still
+        # in flight, so that another block streams on without a gap): the policy decides.
+        ahead = budget - self._inflight  # tokens still to ask for
         if (
             self.policy is not None
             and self._alone_left == 0
-            and self._inflight == 0
+            and not self._drain
             and ledger.pending_count == 0
+            and ahead >= 1
         ):
             behind = 0
             if self.drafter is not None:
-                behind = max(0, ledger.committed_len - 1 - self.drafter.model.kv_len)
-            self._alone_left = self.policy.decode_alone(budget=budget, behind=behind)
+                end = ledger.committed_len + self._inflight
+                behind = max(0, end - 1 - self.drafter.model.kv_len)
+            self._alone_left = self.policy.decode_alone(budget=ahead, behind=behind)
+            # Speculation starts once the requests in flight are answered.
+            self._drain = self._alone_left == 0 and self._inflight > 0
         if self._alone_left > 0 or self._inflight > 0:
             self._target_only_step(ledger, stats, budget=budget, alone=True)
             return
+        self._drain = False
         self.link.probe()  # between windows the cloud answers at once
         # k drafts yield up to k + 1 tokens: never draft past the budget or the context.
         room = max(0, min(budget - 1, self.n_ctx - ledger.committed_len - 1))
@@ -535,22 +605,24 @@ class SpecDecoder:
         t_send = time.perf_counter()
         ledger.submit(0)
         verdict: Verdict | None = None
+        idle_at = None
         if self.drafter is not None and self.link.max_inflight > 1:
             t0 = time.perf_counter()
-            more = True
-            while more:
+            idle_at = self._first_idle_at()
+            more, evaluated = True, False
+            while more and (idle_at is None or time.perf_counter() < idle_at):
                 verdict = self.link.wait(0.0)
                 if verdict is not None:
                     break
                 per_token = self.drafter.live_costs[1]
                 chunk = max(2, int(PREFILL_SLICE_S / per_token)) if per_token > 0 else PREFILL_CHUNK
-                more = self.drafter.prefill(ledger, max_tokens=chunk)
+                more, evaluated = self.drafter.prefill(ledger, max_tokens=chunk), True
             if self.policy is not None:
                 self.policy.on_draft_costs(*self.drafter.live_costs)
-            if self.trace is not None:
+            if self.trace is not None and evaluated:
                 self.trace.append(("draft", t0, time.perf_counter()))
         self._close_window(ledger, stats, count=0, last_batch=0, t_send=t_send, first=True,
-                           verdict=verdict)  # fmt: skip
+                           verdict=verdict, idle_at=idle_at)  # fmt: skip
 
     def _close_window(
         self,
@@ -562,13 +634,15 @@ class SpecDecoder:
         t_send: float,
         first: bool = False,
         verdict: Verdict | None = None,
+        idle_at: float | None = None,
     ) -> None:
         """Awaits the verdict of the window in flight (``count`` drafts; ``verdict`` if it has
         come already) and applies it. ``first``: the prefill's verdict, which is no
-        verification the policy asked for."""
+        verification the policy asked for; ``idle_at``: no drafting during the wait after
+        this time."""
         assert self.link is not None
         if verdict is None:
-            verdict = self._await_verdict(ledger, stats)
+            verdict = self._await_verdict(ledger, stats, idle_at=idle_at)
         t_verdict = time.perf_counter()
         if self.trace is not None:
             self.trace.append(("verdict", t_verdict, verdict.verify_s))
@@ -592,7 +666,7 @@ class SpecDecoder:
         if self.drafter is not None:
             self.drafter.apply(decision)
         if first:
-            stats.prefill_s = verdict.verify_s
+            self._first_came(verdict, t_verdict, stats)
         else:
             stats.verify_s += verdict.verify_s
         if self.policy is None:
@@ -656,16 +730,37 @@ class SpecDecoder:
                 f"the cloud answered position {verdict.start} of epoch {verdict.epoch}, but "
                 f"the edge expected position {ledger.committed_len - 1} of epoch {ledger.epoch}"
             )
-        if self._prefill_unanswered:
+        first = self._prefill_unanswered  # the prefill's verdict: no pass of one token
+        if first:
             self._prefill_unanswered = False
-            stats.prefill_s = verdict.verify_s
+            self._first_came(verdict, time.perf_counter(), stats)
         else:
             stats.verify_s += verdict.verify_s
         if alone:
-            stats.alone_tokens += 1
+            stats.alone_tokens += int(not first)
             if self.policy is not None:
-                self.policy.on_pass(1, verdict.verify_s)
+                if not first:
+                    self.policy.on_pass(1, verdict.verify_s)
                 self._shadow(ledger, verdict.next_token, stats)
+
+    def _first_came(self, verdict: Verdict, t_verdict: float, stats: GenerationStats) -> None:
+        """The prefill's verdict came: its time is the prefill's, and tells the clock."""
+        stats.prefill_s = verdict.verify_s
+        wait = t_verdict - self._t_prefill
+        self.first_clock.observe(self._prompt_len, wait, verdict.verify_s)
+
+    def _first_idle_at(self) -> float | None:
+        """When a CPU-limited edge should stop its own work before the first token is due
+        (None: it need not): two of its longest pieces of work (a draft, a prompt slice)
+        ahead of the due time, so that the piece in progress ends and the quota it used
+        refills before the token comes."""
+        if self.drafter is None or self.drafter.slowdown < THROTTLED:
+            return None
+        due = self.first_clock.due_in(self._prompt_len)
+        if due is None:
+            return None
+        piece = max(self.drafter.live_costs[0], PREFILL_SLICE_S)
+        return self._t_prefill + due - 2 * piece
 
     def _shadow(self, ledger: SpeculationLedger, token: int, stats: GenerationStats) -> None:
         """While the target decodes alone through a network, the idle edge keeps its drafter
@@ -697,8 +792,11 @@ class SpecDecoder:
             self._guess = self.drafter.guess(ledger)
         stats.shadow_s += time.perf_counter() - t0
 
-    def _await_verdict(self, ledger: SpeculationLedger, stats: GenerationStats) -> Verdict:
-        """Waits for the verdict; drafts and streams more meanwhile if the policy says so."""
+    def _await_verdict(
+        self, ledger: SpeculationLedger, stats: GenerationStats, *, idle_at: float | None = None
+    ) -> Verdict:
+        """Waits for the verdict; drafts and streams more meanwhile if the policy says so
+        (not after ``idle_at``, if given)."""
         assert self.link is not None
         t0 = time.perf_counter()
         limit = self.policy.wait_drafts if self.policy is not None else 0
@@ -714,6 +812,7 @@ class SpecDecoder:
                     and ledger.committed_len + ledger.pending_count < self.n_ctx - 1
                     and (self._last is None or self._last.token not in self.eog)
                     and (held_max == 0 or ledger.pending_count < held_max)
+                    and (idle_at is None or time.perf_counter() < idle_at)
                 )
                 verdict = self.link.wait(0.0 if waiting else None)
                 if verdict is not None:

@@ -25,6 +25,11 @@ class DraftToken:
 SLOWDOWN_WINDOW = 16
 
 
+def new_timings() -> collections.deque[tuple[float, float]]:
+    """An empty record of evaluation times for ``Drafter(timings=...)``."""
+    return collections.deque(maxlen=SLOWDOWN_WINDOW)
+
+
 class Drafter:
     """Drafts one token at a time after ``ledger.tokens``; keeps its KV cache in step with the
     ledger (it evaluates only the tokens it has not seen, and rolls back on a verdict).
@@ -35,10 +40,17 @@ class Drafter:
     a busy core shows as wall time the drafter did not compute). ``live_costs`` gives both.
     """
 
-    def __init__(self, model: LlamaCppModel, params: SamplingParams,
-                 costs: tuple[float, float] = (0.0, 0.0)) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: LlamaCppModel,
+        params: SamplingParams,
+        costs: tuple[float, float] = (0.0, 0.0),
+        timings: collections.deque[tuple[float, float]] | None = None,
+    ) -> None:
         """``costs``: measured seconds per drafted token and per prompt token of a prefill
-        (``pipesd.costs.measure_draft``; zeros when unknown)."""
+        (``pipesd.costs.measure_draft``; zeros when unknown). ``timings``: the (wall, CPU)
+        seconds of recent evaluations, shared by the drafters of one model (one per
+        sequence), so that a sequence starts at the speed the last one saw."""
         self.model = model
         self.params = params
         self.costs = costs
@@ -51,9 +63,7 @@ class Drafter:
         self.max_dist = 0
         self.last_fed = 0  # tokens the last draft evaluated (more than 1: it caught up first)
         self._threads = max(1, model.n_threads)
-        self._timings: collections.deque[tuple[float, float]] = collections.deque(
-            maxlen=SLOWDOWN_WINDOW
-        )
+        self._timings = timings if timings is not None else new_timings()
 
     def _evaluate(self, feed: list[int]) -> npt.NDArray[np.float32]:
         """The model's logits after ``feed``, timed for the slowdown."""

@@ -218,7 +218,40 @@ def test_cost_curve_is_robust_and_conservative() -> None:
     assert c.cost(6) == pytest.approx(0.2)
     assert c.cost(16) == pytest.approx(0.4)  # above the largest: linear
     c.set_prior([0.05] * 32)
-    assert c.cost(1) == pytest.approx(0.05) and c.cost(4) == pytest.approx(0.10)
+    # Observed sizes 4 and 8 run 2x and 4x their prior: the others are scaled by the median.
+    assert c.level() == pytest.approx(3.0)
+    assert c.cost(1) == pytest.approx(0.15) and c.cost(4) == pytest.approx(0.10)
+
+
+def test_a_slower_target_slows_its_whole_curve() -> None:
+    """The cloud's calibration is a quiet machine's; if passes of one token (the target
+    alone) are then observed 80% slower, passes of 2..32 are 80% slower too. Were only the
+    observed size raised, a window would look cheap next to the target alone: on the Q4_K_M
+    staircase of this machine in s1 (V(1) 51 ms, a draft 35 ms, 40 ms round trip) auto would
+    leave the target alone to speculate (one bench run in 18 did before the curve was scaled:
+    98.9 ms/token where the others decoded at 52-68)."""
+    q4 = [51, 112, 235, 242, 340, 418, 358, 636] + [720] * 8 + [900] * 16
+    c = PassCostCurve()
+    c.set_prior([v * MS for v in q4])
+    for _ in range(5):
+        c.observe(1, 1.8 * q4[0] * MS)
+    assert c.level() == pytest.approx(1.8)
+    assert c.cost(4) == pytest.approx(1.8 * q4[3] * MS)
+    p = AutoPolicy()
+    p.bind(pass_costs=lambda: [v * MS for v in q4], overlap=True, draft_s=35 * MS,
+           draft_prefill_s=9 * MS)  # fmt: skip
+    p.monitor.rtt_s.append(0.04)
+    p.future = 0.75  # hopeful: 0.9
+    for _ in range(5):
+        p.on_pass(1, 1.8 * q4[0] * MS)
+    assert p.decode_alone(budget=96, behind=0) > 0
+    # The same observations against an unscaled prior would have said speculate.
+    model = p.cycle_model()
+    assert model is not None
+    unscaled = CycleModel(pass_s=lambda m: q4[m - 1] * MS if m > 1 else model.pass_s(1),
+                          gamma_s=model.gamma_s, rtt_s=model.rtt_s, overlap=True)  # fmt: skip
+    assert p.hopeful_rate(unscaled) > alone_rate(unscaled)
+    assert p.hopeful_rate(model) < alone_rate(model)
 
 
 def test_auto_is_lossless_and_chooses_by_cost(smollm_path: Path, mild_draft: Path) -> None:
@@ -250,13 +283,14 @@ def test_auto_is_lossless_and_chooses_by_cost(smollm_path: Path, mild_draft: Pat
 SLOWED_DRAFTER = """
 import sys
 from pipesd._core import SpeculationLedger
-from pipesd.edge.drafter import Drafter
+from pipesd.edge.drafter import Drafter, new_timings
 from pipesd.llama_backend import LlamaCppModel
 from pipesd.sampling import SamplingParams
 model = LlamaCppModel(sys.argv[1], n_ctx=512)
 print("loaded", flush=True)
 sys.stdin.readline()  # in its cgroup now
-drafter = Drafter(model, SamplingParams(), (0.01, 0.002))
+timings = new_timings()
+drafter = Drafter(model, SamplingParams(), (0.01, 0.002), timings)
 ledger = SpeculationLedger(512)
 ledger.begin(model.tokenize("def double(x):\\n    return x * 2\\n" * 6))
 drafter.begin(ledger)
@@ -264,7 +298,9 @@ while drafter.prefill(ledger, max_tokens=8):
     pass
 for _ in range(6):
     drafter.draft(ledger)
-print(drafter.slowdown, *drafter.live_costs, flush=True)
+# The next sequence's drafter starts at the speed this one saw.
+following = Drafter(model, SamplingParams(), (0.01, 0.002), timings)
+print(drafter.slowdown, *drafter.live_costs, following.slowdown, flush=True)
 """
 
 
@@ -272,7 +308,8 @@ print(drafter.slowdown, *drafter.live_costs, flush=True)
 def test_drafter_costs_follow_its_cpu_quota(smollm_path: Path, fraction: float) -> None:
     """The drafter's live costs are its measured ones times the slowdown it sees (wall time
     over CPU time): about 1 on a free core, about 4 under a cgroup quota of 1/4 of a core
-    (a phone or IoT device in the bench), which is what ``auto`` then plans with."""
+    (a phone or IoT device in the bench), which is what ``auto`` then plans with, from the
+    start of the next sequence on."""
     from pipesd import bench
 
     with bench.cpu_limit(fraction, "drafter") as group:
@@ -286,7 +323,8 @@ def test_drafter_costs_follow_its_cpu_quota(smollm_path: Path, fraction: float) 
         child.stdin.flush()
         out, _ = child.communicate(timeout=120)
     assert child.returncode == 0
-    slowdown, draft_s, prefill_s = (float(v) for v in out.split())
+    slowdown, draft_s, prefill_s, following = (float(v) for v in out.split())
+    assert following == slowdown
     assert draft_s == pytest.approx(0.01 * slowdown) and prefill_s == pytest.approx(
         0.002 * slowdown
     )

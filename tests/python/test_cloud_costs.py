@@ -27,6 +27,7 @@ from pipesd._core import (
     encode_error,
     encode_hello_ok,
 )
+from pipesd.edge.drafter import SLOWDOWN_WINDOW
 from pipesd.link import Link
 
 PROMPT = "def is_prime(n):\n"
@@ -138,12 +139,65 @@ def test_auto_through_cloud_and_link_is_lossless(smollm_path: Path, mild_draft: 
             Generator(draft=str(mild_draft), cloud=f"127.0.0.1:{link.port}", n_ctx=1024) as gen,
         ):
             # auto first: without calibration the cloud has served no pass yet.
-            res = gen.generate(PROMPT, max_new_tokens=32)
+            trace: list[tuple[str, float, float]] = []
+            res = gen.generate(PROMPT, max_new_tokens=32, trace=trace)
             ref = gen.generate(PROMPT, max_new_tokens=32, policy="target-only")
         assert res.stats.policy == "auto"
         if args:
             assert res.stats.verifications > 0
             assert_same_or_tie(smollm_path, PROMPT, ref.tokens, res.tokens)
         else:
-            assert res.stats.alone_tokens > 0
+            # The calibrated curve says no window pays: the target decodes alone from the
+            # first token on, and the drafter never even evaluates the prompt.
+            rest = res.stats.new_tokens - 1  # after the prefill's token
+            assert res.stats.alone_tokens == rest and res.stats.verifications == 0, res.stats
+            assert res.stats.drafted == 0 and res.stats.draft_s == 0.0
             assert res.tokens == ref.tokens  # the target alone: the very same passes
+            # Blocks alone follow each other without a gap: the requests for the next block
+            # go out before the last of the block before is answered, so until every token
+            # is asked for, some request (the prefill first) is always outstanding.
+            outstanding, asked, gaps = 1, 0, 0
+            for kind, _, value in trace:
+                if kind == "verify":
+                    assert value == 0
+                    outstanding, asked = outstanding + 1, asked + 1
+                elif kind == "verdict":
+                    outstanding -= 1
+                    gaps += outstanding == 0 and asked < rest
+            assert asked >= rest and gaps == 0, trace
+
+
+def test_a_throttled_edge_is_idle_when_the_first_token_is_due(
+    smollm_path: Path, mild_draft: Path, tmp_path: Path
+) -> None:
+    """Through a network the edge evaluates the prompt and drafts while the target prefills.
+    An edge far below its measured speed (a CPU quota) stops that work before the first
+    token is due, as the sequences before tell, so that it takes the token at once; the
+    output is the same."""
+
+    def work_before_first_token(trace: list[tuple[str, float, float]]) -> int:
+        first = next(t for kind, t, _ in trace if kind == "verdict")
+        return sum(1 for kind, t, _ in trace if kind == "draft" and t < first)
+
+    with (
+        CloudProcess(smollm_path, tmp_path / "c.log") as cloud,
+        Link(("127.0.0.1", cloud.port), "paper-5g") as link,
+        Generator(draft=str(mild_draft), cloud=f"127.0.0.1:{link.port}", n_ctx=1024) as gen,
+    ):
+        assert gen.first_clock.due_in(10) is None
+        ref = gen.generate(PROMPT, max_new_tokens=16, policy="target-only")
+        due = gen.first_clock.due_in(ref.stats.prompt_tokens)
+        # Due after the round trip of the emulated 5G link (40 ms) and the target's prefill.
+        assert due is not None and 0.04 < due < ref.stats.ttft_s + 0.1
+        trace: list[tuple[str, float, float]] = []
+        res = gen.generate(PROMPT, max_new_tokens=16, policy="vanilla", trace=trace)
+        assert_same_or_tie(smollm_path, PROMPT, ref.tokens, res.tokens)
+        assert work_before_first_token(trace) >= 1  # at full speed: busy until it comes
+        # Five times slower than measured: a piece of work takes >= 0.1 s, and the token is
+        # due sooner than two of them, so the edge waits idle from the start.
+        gen.draft_timings.extend([(5.0, 1.0)] * SLOWDOWN_WINDOW)
+        trace = []
+        res = gen.generate(PROMPT, max_new_tokens=16, policy="vanilla", trace=trace)
+        assert_same_or_tie(smollm_path, PROMPT, ref.tokens, res.tokens)
+        assert work_before_first_token(trace) == 0
+        assert res.stats.drafted > 0  # it drafts after the first token
