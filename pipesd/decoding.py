@@ -218,6 +218,9 @@ class VerifyLink(Protocol):
     def take_rtts(self) -> list[float]:
         """Round trips (seconds) measured since the last call."""
 
+    def recent_rtts(self) -> list[float]:
+        """The last round trips measured on this link, before this sequence too."""
+
     @property
     def max_inflight(self) -> int:
         """How many verify requests may be outstanding at once (1: one at a time)."""
@@ -283,6 +286,9 @@ class LocalLink:
         pass
 
     def take_rtts(self) -> list[float]:
+        return []
+
+    def recent_rtts(self) -> list[float]:
         return []
 
     @property
@@ -382,6 +388,10 @@ class SpecDecoder:
                 self.policy.bind(pass_costs=self.link.pass_costs,
                                  overlap=self.link.max_inflight > 1, draft_s=draft_s,
                                  draft_prefill_s=draft_prefill_s)  # fmt: skip
+                # The round trip is known before this sequence's first window measures it.
+                self.link.take_rtts()
+                for rtt in self.link.recent_rtts():
+                    self.policy.on_rtt(rtt)
             self.policy.begin()
         self._alone_left, self._guess, self._drain = 0, None, False
         if self._first_pending and self.policy is not None:

@@ -9,6 +9,7 @@ connection it gives up with a TransportError.
 
 from __future__ import annotations
 
+import collections
 import logging
 import select
 import struct
@@ -46,6 +47,11 @@ from pipesd.netaddr import parse_hostport
 from pipesd.sampling import SamplingParams, SparseDist
 
 log = logging.getLogger("pipesd.edge")
+
+#: Round trips kept across sequences (the policies take the smallest).
+RECENT_RTTS = 8
+#: How long the handshake waits for the PONG that measures the first round trip.
+RTT_PROBE_TIMEOUT = 2.0
 
 
 class CloudLink:
@@ -97,6 +103,10 @@ class CloudLink:
         self.reconnects = 0
         self._bytes = [0, 0]  # up, down of connections already closed
         self._rtts: list[float] = []
+        # The last round trips measured on this link, kept across sequences: a sequence's
+        # first decision needs the round trip before any of its own windows measured one.
+        self._recent_rtts: collections.deque[float] = collections.deque(maxlen=RECENT_RTTS)
+        self._pongs = 0  # PONGs received on this link, ever
         # Each sequence's ledger counts epochs from its start; on the wire they must never
         # decrease within a session (the cloud drops frames of older epochs), so every
         # sequence is shifted past the highest epoch already used.
@@ -159,6 +169,7 @@ class CloudLink:
                 self.max_dist = ok.max_dist
                 self.verify_ms = list(ok.verify_ms)
                 log.debug("session %d with %s (%s)", ok.session, self.address, ok.model_fingerprint)
+                self._measure_rtt()
                 return
             self._unexpected(frame, "HELLO_OK")
 
@@ -219,6 +230,22 @@ class CloudLink:
     def take_rtts(self) -> list[float]:
         out, self._rtts = self._rtts, []
         return out
+
+    def recent_rtts(self) -> list[float]:
+        """The last round trips measured on this link (also before this sequence)."""
+        return list(self._recent_rtts)
+
+    def _measure_rtt(self) -> None:
+        """One PING after the handshake, so that the round trip is known before the first
+        sequence decides anything. A cloud that leaves it unanswered for
+        ``RTT_PROBE_TIMEOUT`` only leaves the round trip unknown."""
+        before = self._pongs
+        self.probe()
+        deadline = time.monotonic() + RTT_PROBE_TIMEOUT
+        while self._pongs == before and time.monotonic() < deadline:
+            frame = self._next_frame(min(deadline, time.monotonic() + 0.002))
+            if frame is not None:
+                self._unexpected(frame, "PONG")
 
     def pass_costs(self) -> list[float]:
         """The cloud's cost of a pass of 1, 2, ... tokens, in seconds (empty: not measured)."""
@@ -322,8 +349,10 @@ class CloudLink:
                     continue
                 if frame.type == FrameType.PONG:
                     if len(frame.payload) == 8:
-                        sent = struct.unpack("<d", frame.payload)[0]
-                        self._rtts.append(time.perf_counter() - sent)
+                        rtt = time.perf_counter() - struct.unpack("<d", frame.payload)[0]
+                        self._rtts.append(rtt)
+                        self._recent_rtts.append(rtt)
+                        self._pongs += 1
                     continue
                 if frame.type == FrameType.COSTS:
                     self.verify_ms = decode_costs(frame.payload)

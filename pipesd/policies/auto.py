@@ -32,8 +32,9 @@ shadow guesses: each window's drafts up to the first rejected one): windows clos
 rule closes them, committing what was really accepted, at T(n). a_bar follows the last few
 drafts and its start (0.75) sits at break-even on the F16 target: as the test of whether to
 speculate it sent 21% of the tokens to the target alone on replayed F16 traces and lost 11%
-(bench/bench_replay.py, docs/policies.md). Until 16 guesses are seen, a window is tried if
-rate(n*) at a_bar + 0.15 would pay. Otherwise the target decodes alone for a block of tokens
+(bench/bench_replay.py, docs/policies.md). Before any guess is seen, a window is tried if
+rate(n*) at a_bar + 0.15 would pay; with 1-15 guesses, rate(n*) at their acceptance (a_bar
+counting as 4 of them) decides. Otherwise the target decodes alone for a block of tokens
 and the rule is asked again; coming back from the target alone needs a predicted gain of 10%
 (no flapping on noise). Through a network the idle edge guesses each token decoded alone
 with the drafter when a guess costs under 30% of the cloud's step, which keeps it caught up
@@ -73,6 +74,8 @@ OPTIMISM = 0.15
 SHADOW_FRACTION = 0.3
 #: Guesses along the sequence kept for the replay, and the fewest the replay needs.
 TRACE_LEN, TRACE_MIN = 64, 16
+#: With fewer guesses than TRACE_MIN, a_bar weighs as this many guesses beside the ones seen.
+PRIOR_GUESSES = 4
 
 
 @dataclass(frozen=True)
@@ -324,14 +327,25 @@ class AutoPolicy(PipeSDPolicy):
         """rate(n*) at an optimistic a_bar: could a window pay at all?"""
         return best_window([], min(0.99, self.future + OPTIMISM), model, self.max_window)[1]
 
+    def evidence_rate(self, model: CycleModel) -> float:
+        """rate(n*) at the acceptance the guesses of this sequence show so far, a_bar counting
+        as PRIOR_GUESSES guesses beside them."""
+        hits = sum(1 for _, right in self.trace if right)
+        a = (PRIOR_GUESSES * self.future + hits) / (PRIOR_GUESSES + len(self.trace))
+        return best_window([], min(0.99, a), model, self.max_window)[1]
+
     def speculation_rate(self, model: CycleModel) -> float:
-        """rate_spec: the rule replayed over the trace, or while too little is seen to replay,
-        the hopeful rate (a window is tried if it could pay: it costs at most one cycle)."""
+        """rate_spec: the rule replayed over the trace. While too little is seen to replay:
+        before any guess, the hopeful rate (a window is tried if it could pay: it costs at most
+        one cycle); after, the rate at the acceptance the guesses show (a probe that went badly
+        ends speculation at once instead of after TRACE_MIN guesses)."""
         if len(self.trace) >= TRACE_MIN:
             spec = replay_rate(self.trace, self.acceptance.prob, self.future, model,
                                self.max_window)  # fmt: skip
             if spec is not None:
                 return spec
+        if self.trace:
+            return self.evidence_rate(model)
         return self.hopeful_rate(model)
 
     def decode_alone(self, *, budget: int, behind: int) -> int:

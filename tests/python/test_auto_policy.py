@@ -15,6 +15,7 @@ import pytest
 from conftest import check_lossless
 
 from pipesd import Generator
+from pipesd.cloud.verifier import Verdict
 from pipesd.costs import PassCostCurve
 from pipesd.edge.drafter import DraftToken
 from pipesd.policies.auto import (
@@ -189,6 +190,39 @@ def test_speculation_is_judged_by_the_rule_replayed_not_by_a_bar() -> None:
     assert policy(hard, 0.9).decode_alone(budget=200, behind=0) > 0
     # One token left: no draft fits, the target decodes it.
     assert policy(easy, 0.9).decode_alone(budget=1, behind=0) == 1
+
+
+def test_a_probe_that_goes_badly_ends_speculation_at_once() -> None:
+    """Before any guess, a window is tried if it could pay at a_bar + 0.15; after the first
+    window, its outcome decides, not the hope. The curve is the Q4_K_M staircase of this
+    machine with V(1) calibrated at 90 ms (a noisy calibration): at 0.9 a window pays
+    (11.98 tokens/s against 11.1 alone), at the 0.67 that one right and one wrong guess give
+    it does not (9.7); three right guesses (0.86) keep speculating (11.5)."""
+    q4 = [90, 112, 235, 242, 340, 418, 358, 636] + [720] * 8 + [900] * 16
+
+    def after(drafted: int, accepted: int) -> AutoPolicy:
+        p = AutoPolicy()
+        p.bind(pass_costs=lambda: [v * MS for v in q4], overlap=True, draft_s=35 * MS,
+               draft_prefill_s=9 * MS)  # fmt: skip
+        p.monitor.on_rtt(0.04)
+        p.acceptance = AcceptanceModel(bins=10, prior=1e6)  # a_i = the confidence's bin centre
+        p.future = 0.75
+        assert p.decode_alone(budget=96, behind=0) == 0  # hopeful: a probe window
+        p.begin()
+        for i in range(drafted):
+            p.should_verify(i + 1, DraftToken(token=1, confidence=0.75, dist=None))
+        p.on_submit(drafted)
+        p.future = 0.75
+        p.on_verdict(Verdict(epoch=0, start=0, drafted=drafted, accepted=accepted,
+                             next_token=1, verify_s=q4[drafted] * MS))  # fmt: skip
+        return p
+
+    bad = after(2, 1)
+    assert len(bad.trace) == 2 < TRACE_MIN
+    assert bad.decode_alone(budget=90, behind=0) > 0
+    good = after(3, 3)
+    assert len(good.trace) == 3
+    assert good.decode_alone(budget=90, behind=0) == 0
 
 
 def test_acceptance_learns_and_round_trips(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from pipesd._core import (
 )
 from pipesd.edge.drafter import SLOWDOWN_WINDOW
 from pipesd.link import Link
+from pipesd.policies.auto import AutoPolicy
 
 PROMPT = "def is_prime(n):\n"
 
@@ -132,15 +133,31 @@ def test_auto_through_cloud_and_link_is_lossless(smollm_path: Path, mild_draft: 
                                                  tmp_path: Path) -> None:  # fmt: skip
     """Through a real cloud and the emulated 5G link, ``auto`` (whatever it chooses) gives the
     target's output; with the curve unknown it speculates and learns it from the verdicts."""
+
+    class Recording(AutoPolicy):
+        """auto, noting the round trip its first decision planned with."""
+
+        first_rtt: float | None = None
+
+        def decode_alone(self, *, budget: int, behind: int) -> int:
+            model = self.cycle_model()
+            if self.first_rtt is None and model is not None:
+                self.first_rtt = model.rtt_s
+            return super().decode_alone(budget=budget, behind=behind)
+
     for args in ((), ("--no-calibrate",)):
         with (
             CloudProcess(smollm_path, tmp_path / "c.log", args=args) as cloud,
             Link(("127.0.0.1", cloud.port), "paper-5g") as link,
             Generator(draft=str(mild_draft), cloud=f"127.0.0.1:{link.port}", n_ctx=1024) as gen,
         ):
+            # The handshake measured the round trip (20 ms each way) before any sequence.
+            assert gen.cloud is not None
+            assert [r for r in gen.cloud.recent_rtts() if 0.04 <= r < 1.0], gen.cloud.recent_rtts()
             # auto first: without calibration the cloud has served no pass yet.
             trace: list[tuple[str, float, float]] = []
-            res = gen.generate(PROMPT, max_new_tokens=32, trace=trace)
+            policy = Recording(acceptance=gen.acceptance)
+            res = gen.generate(PROMPT, max_new_tokens=32, trace=trace, policy=policy)
             ref = gen.generate(PROMPT, max_new_tokens=32, policy="target-only")
         assert res.stats.policy == "auto"
         if args:
@@ -153,6 +170,8 @@ def test_auto_through_cloud_and_link_is_lossless(smollm_path: Path, mild_draft: 
             assert res.stats.alone_tokens == rest and res.stats.verifications == 0, res.stats
             assert res.stats.drafted == 0 and res.stats.draft_s == 0.0
             assert res.tokens == ref.tokens  # the target alone: the very same passes
+            # The decision before the first token already planned with the round trip.
+            assert policy.first_rtt is not None and policy.first_rtt >= 0.04
             # Blocks alone follow each other without a gap: the requests for the next block
             # go out before the last of the block before is answered, so until every token
             # is asked for, some request (the prefill first) is always outstanding.
