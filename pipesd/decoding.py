@@ -790,15 +790,17 @@ class SpecDecoder:
             return
         t0 = time.perf_counter()
         behind = ledger.committed_len - 1 - self.drafter.model.kv_len
-        if behind > 0:
+        costs, prefill_s = self.link.pass_costs(), self.drafter.live_costs[1]
+        step = PREFILL_CHUNK
+        if costs and prefill_s > 0:
+            step = max(1, int(SHADOW_SHARE * costs[0] / prefill_s))
+        if behind > step:
             # Catch up first (the prompt's rest, if the first token came before the drafter
             # had evaluated it), a few tokens per step so that the stream never waits.
-            costs, prefill_s = self.link.pass_costs(), self.drafter.live_costs[1]
-            step = PREFILL_CHUNK
-            if costs and prefill_s > 0:
-                step = max(1, int(SHADOW_SHARE * costs[0] / prefill_s))
             self.drafter.prefill(ledger, max_tokens=step)
         else:
+            # The guess evaluates the few tokens it is behind with the last one. (Catching up
+            # alone would leave it one token behind again at the next step, for good.)
             self._guess = self.drafter.guess(ledger)
         stats.shadow_s += time.perf_counter() - t0
 

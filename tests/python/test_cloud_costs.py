@@ -186,6 +186,44 @@ def test_auto_through_cloud_and_link_is_lossless(smollm_path: Path, mild_draft: 
             assert asked >= rest and gaps == 0, trace
 
 
+def test_the_idle_edge_guesses_the_tokens_decoded_alone(smollm_path: Path, mild_draft: Path,
+                                                        tmp_path: Path) -> None:  # fmt: skip
+    """While the target decodes alone through a network, the idle edge's drafter catches up
+    with the prompt and then guesses each token before it comes: the guesses that keep
+    auto's estimates fresh between windows. (A drafter that caught up by one token at each
+    step stayed one token behind for good and guessed nothing.)"""
+
+    class Shadowing(AutoPolicy):
+        """auto with guesses wanted (as on a target much dearer than the draft)."""
+
+        guesses = 0
+
+        def wants_shadow(self) -> bool:
+            return True
+
+        def on_shadow(self, confidence: float, accepted: bool) -> None:
+            self.guesses += 1
+            super().on_shadow(confidence, accepted)
+
+    # Without a calibration the edge speculates first and learns from the verdicts that no
+    # window pays (the draft costs what the target does); then the target decodes alone.
+    with (
+        CloudProcess(smollm_path, tmp_path / "c.log", args=("--no-calibrate",)) as cloud,
+        Link(("127.0.0.1", cloud.port), "paper-5g") as link,
+        Generator(draft=str(mild_draft), cloud=f"127.0.0.1:{link.port}", n_ctx=1024) as gen,
+    ):
+        policy = Shadowing(acceptance=gen.acceptance)
+        res = gen.generate(PROMPT, max_new_tokens=48, policy=policy)
+        ref = gen.generate(PROMPT, max_new_tokens=48, policy="target-only")
+    assert res.stats.verifications >= 1 and res.stats.alone_tokens >= 24, res.stats
+    assert_same_or_tie(smollm_path, PROMPT, ref.tokens, res.tokens)
+    # Every token decoded alone is guessed, but where a block ends and the first one after
+    # a window (the drafter is still catching up with the verdict).
+    guessed = [ok for _, ok in policy.trace][-policy.guesses :]
+    assert policy.guesses >= res.stats.alone_tokens - 8, (policy.guesses, res.stats)
+    assert len(guessed) == policy.guesses and any(guessed)
+
+
 def test_a_throttled_edge_is_idle_when_the_first_token_is_due(
     smollm_path: Path, mild_draft: Path, tmp_path: Path
 ) -> None:
