@@ -29,7 +29,7 @@ import socket
 import sys
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -72,6 +72,10 @@ from pipesd.sampling import SamplingParams, SparseDist
 log = logging.getLogger("pipesd.cloud")
 
 T = TypeVar("T")
+
+#: Frames a session reads ahead of the one it handles, to see whether the edge has already
+#: started its next sequence (bounded: a flood stays in the endpoint's own ring).
+READ_AHEAD = 64
 
 
 class SessionError(Exception):
@@ -425,6 +429,7 @@ class Session:
         self.stale_frames = 0
         self.costs_sent: list[float] = []  # the cost table (ms) this edge was last told
         self.costs_sent_t = 0.0
+        self._inbox: deque[Frame] = deque()  # frames read ahead, handled in order
         self._wake = asyncio.Event()
         self.loop = asyncio.get_running_loop()
         self.loop.add_reader(ep.wake_fd, self._on_wake)
@@ -451,7 +456,7 @@ class Session:
         try:
             while not self.closed:
                 self._wake.clear()
-                frame = self.ep.try_recv()
+                frame = self._inbox.popleft() if self._inbox else self.ep.try_recv()
                 if frame is None:
                     if self.ep.closed:
                         self._peer_gone()
@@ -676,6 +681,12 @@ class Session:
                 f"holds at most {2 * lim.max_window} (twice --max-window)"
             )
         if frame.flags & FLAG_VERIFY:
+            if self._next_sequence_waits(frame.epoch):
+                # The edge has moved on to its next sequence (this one ended, at an end of
+                # sequence, with requests for further tokens still out): the pass would
+                # only delay the next prompt's first token.
+                self._stale(frame, len(msg.tokens), "the edge has started its next sequence")
+                return
             end = msg.start + len(msg.tokens)
             count = end - seq.ledger.committed_len
             if count > lim.max_window:
@@ -706,14 +717,23 @@ class Session:
         )  # fmt: skip
         self.send(Frame(FrameType.VERDICT, self.sid, verdict.epoch, encode_verdict(wire)))
 
-    def _stale(self, frame: Frame, tokens: int) -> None:
+    def _next_sequence_waits(self, epoch: int) -> bool:
+        """Whether a PREFILL of a later epoch (the edge's next sequence) has already come."""
+        while len(self._inbox) < READ_AHEAD:
+            frame = self.ep.try_recv()
+            if frame is None:
+                break
+            self._inbox.append(frame)
+        return any(f.type == FrameType.PREFILL and f.epoch > epoch for f in self._inbox)
+
+    def _stale(self, frame: Frame, tokens: int, why: str = "") -> None:
         """Frames of a retired epoch are normal while speculation moves on: drop, tell, go on."""
         self.stale_frames += 1
         assert self.seq is not None
-        msg = (
-            f"dropped {frame.type.name} of epoch {frame.epoch} ({tokens} tokens): the session "
-            f"is at epoch {self.seq.epoch}" + (" (retired)" if self.seq.retired else "")
+        why = why or f"the session is at epoch {self.seq.epoch}" + (
+            " (retired)" if self.seq.retired else ""
         )
+        msg = f"dropped {frame.type.name} of epoch {frame.epoch} ({tokens} tokens): {why}"
         log.info("session %d from %s: %s", self.sid, self.peer, msg)
         self.send(Frame(FrameType.ERROR, self.sid, frame.epoch,
                         encode_error(WireError(ErrorCode.STALE_EPOCH, msg))))  # fmt: skip

@@ -298,3 +298,40 @@ def test_one_session_too_many_is_refused_busy(smollm_path: Path, smollm_vocab,
         assert first.frame() is not None and first.frame() is None
         third = Raw(cloud.port)
         assert third.hello(vocab, fingerprint, token="") > sid
+
+
+def test_requests_left_by_an_ended_sequence_do_not_delay_the_next(cloud, smollm_vocab) -> None:
+    """A sequence that ends (at an end of sequence) with requests for further tokens still out
+    leaves them queued at the cloud. Once the next sequence's PREFILL has come, those not yet
+    started are dropped with STALE_EPOCH instead of being computed ahead of it, and the new
+    sequence starts as a first one would."""
+    vocab, fingerprint, prompt_ids = smollm_vocab
+    r = Raw(cloud.port)
+    sid = r.hello(vocab, fingerprint)
+    first = r.prefill(sid, 1, Prefill(prompt_ids))
+    n = 12
+    burst = [make_draft_frame(sid, 1, WireDraft(len(prompt_ids) + 1 + i, [], []), True)
+             for i in range(n)]  # fmt: skip
+    again = Frame(FrameType.PREFILL, sid, 2, encode_prefill(Prefill(prompt_ids)))
+    r.send(b"".join(f.encode() for f in [*burst, again]))
+    answered, dropped = 0, 0
+    while True:
+        f = r.frame()
+        assert f is not None
+        if f.type == FrameType.VERDICT and f.epoch == 1:
+            answered += 1
+        elif f.type == FrameType.ERROR:
+            err = decode_error(f.payload)
+            assert err.code == int(ErrorCode.STALE_EPOCH.value), err.message
+            assert "started its next sequence" in err.message and f.epoch == 1
+            dropped += 1
+        else:
+            assert f.type == FrameType.VERDICT and f.epoch == 2, f.type
+            v = decode_verdict(f.payload)
+            assert (v.drafted, v.accepted, int(v.next_token)) == (0, 0, first)
+            break
+    assert answered + dropped == n
+    # At most the pass already running when the PREFILL came (and one more, had the frames
+    # come in pieces) is computed.
+    assert dropped >= n - 2, (answered, dropped)
+    r.sock.close()
