@@ -108,6 +108,8 @@ METRICS: dict[str, str] = {
     "cloud_j_per_token": "cloud_energy_j / new_tokens",
     "energy_source": "how the energy figures were obtained",
     "tokens": "the output token ids",
+    "decision_log": "auto only: each decision between windows (budget, guesses seen, the "
+    "rates compared, the pass costs and round trip it planned with); null for other policies",
     "matches_target_only": "greedy output identical to target-only's for this prompt "
     "(null when target-only was not run)",
     "divergence": "where the output first differs from target-only: new-token position and "

@@ -115,6 +115,7 @@ def main() -> int:
                 },
                 "thresholds": thresholds.to_dict() if policy.startswith("pipesd") else None,
                 "tokens": r.tokens,
+                "decision_log": getattr(rule, "decision_log", None),
                 "trace": [(k, a - t0, b - t0 if k == "draft" else b) for k, a, b in trace]
                 if trace else None,
             }  # fmt: skip

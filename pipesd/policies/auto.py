@@ -76,6 +76,9 @@ SHADOW_FRACTION = 0.3
 TRACE_LEN, TRACE_MIN = 64, 16
 #: With fewer guesses than TRACE_MIN, a_bar weighs as this many guesses beside the ones seen.
 PRIOR_GUESSES = 4
+#: Decisions between windows kept in ``decision_log`` (per policy object; the bench makes one
+#: per run).
+LOG_LEN = 256
 
 
 @dataclass(frozen=True)
@@ -220,6 +223,8 @@ class AutoPolicy(PipeSDPolicy):
         self.trace: collections.deque[tuple[float, bool]] = collections.deque(maxlen=TRACE_LEN)
         self.alone_blocks = 0  # blocks decoded by the target alone (statistics)
         self.decisions = 0
+        # What each decision between windows saw and chose (for reading a run afterwards).
+        self.decision_log: list[dict[str, object]] = []
 
     # ----------------------------------------------------------------- wiring
     def bind(self, *, pass_costs: Callable[[], list[float]], overlap: bool,
@@ -370,7 +375,17 @@ class AutoPolicy(PipeSDPolicy):
             margin = SWITCH_MARGIN if self.alone_blocks else 1.0
             return spec > 0 and catch_up + budget / spec < budget / alone / margin
 
-        if pays(self.speculation_rate(model)):
+        spec = self.speculation_rate(model)
+        if len(self.decision_log) < LOG_LEN:
+            self.decision_log.append({
+                "budget": budget, "behind": behind, "guesses": len(self.trace),
+                "right": sum(1 for _, right in self.trace if right), "a_bar": self.future,
+                "rate_spec": spec, "rate_hope": self.hopeful_rate(model), "rate_alone": alone,
+                "gamma_ms": 1000 * model.gamma_s, "rtt_ms": 1000 * model.rtt_s,
+                "pass_ms": [1000 * model.pass_s(m) for m in range(1, 9)],
+                "level": self.curve.level(), "alone_blocks": self.alone_blocks,
+            })  # fmt: skip
+        if pays(spec):
             self.block, self._probe_next = MIN_BLOCK, False
             return 0
         shadowed, self._shadowed = self._shadowed, False

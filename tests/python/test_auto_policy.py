@@ -223,6 +223,13 @@ def test_a_probe_that_goes_badly_ends_speculation_at_once() -> None:
     good = after(3, 3)
     assert len(good.trace) == 3
     assert good.decode_alone(budget=90, behind=0) == 0
+    # Each decision is logged with what it compared (bench results carry the log).
+    first, last = bad.decision_log[0], bad.decision_log[-1]
+    assert (first["guesses"], last["guesses"], last["right"], last["budget"]) == (0, 2, 1, 90)
+    assert first["rate_spec"] == first["rate_hope"] > first["rate_alone"]
+    assert last["rate_spec"] < last["rate_alone"] < last["rate_hope"]
+    assert last["pass_ms"][:2] == pytest.approx([90, 112]) and last["rtt_ms"] == pytest.approx(40)
+    assert good.decision_log[-1]["rate_spec"] > good.decision_log[-1]["rate_alone"]
 
 
 def test_acceptance_learns_and_round_trips(tmp_path: Path) -> None:
