@@ -35,23 +35,31 @@ CALIBRATION_CONTEXT = 64
 
 
 class PassCostCurve:
-    """Per-size estimates of one pass's wall time: the median of the last ``window``
-    observations of that size, else a prior (a calibration or a peer's table) scaled to the
-    speed observed now, else a conservative interpolation.
+    """Per-size estimates of one pass's wall time.
 
-    The scale (``level``) is what the observations say of the prior: a target measured 30%
-    slower than its calibration on the sizes it served (a busy machine) is 30% slower on the
-    others too, and a policy that compared fresh passes of one token with quiet calibrated
-    windows would see speculation pay where it does not.
+    With a prior (a calibration or a peer's table), the prior gives the curve's shape and the
+    passes observed now give its level: the estimate of a pass of n tokens is prior(n) times
+    the median ratio of observed to prior over the last ``window`` passes of any size. Sizes
+    the prior lacks are estimated from their own observations, else interpolated.
+
+    One level for the whole curve, not a median per observed size: the passes observed run at
+    this sequence's context length and on the machine's current load, and those raise every
+    size alike. A target decoding alone observes only one-token passes; were those its own
+    estimate beside larger sizes known from quieter passes, the ratio V(2)/V(1) would shrink
+    (1.35 against the calibrated 1.9 on the Q4_K_M target at HumanEval contexts) and a window
+    would look cheaper than the target alone where it is not.
     """
 
     def __init__(self, *, max_size: int = CALIBRATED_SIZES, window: int = 9) -> None:
         if max_size < 1:
             raise ValueError(f"max_size must be >= 1, got {max_size}")
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
         self.max_size = max_size
-        self._obs: dict[int, collections.deque[float]] = {}
-        self._prior: dict[int, float] = {}
         self.window = window
+        self._obs: dict[int, collections.deque[float]] = {}
+        self._recent: collections.deque[tuple[int, float]] = collections.deque(maxlen=window)
+        self._prior: dict[int, float] = {}
         self.version = 0  # bumped whenever an estimate may have changed
         self._level = (-1, 1.0)  # (version it was computed at, level)
 
@@ -61,35 +69,32 @@ class PassCostCurve:
         if size < 1 or not seconds > 0.0:
             return
         self._obs.setdefault(size, collections.deque(maxlen=self.window)).append(seconds)
+        self._recent.append((size, seconds))
         self.version += 1
 
     def set_prior(self, table_s: Sequence[float]) -> None:
         """Replaces the prior: ``table_s[i]`` is the cost of a pass of i + 1 tokens (zero or
-        negative entries: unknown). Observations still take precedence size by size."""
+        negative entries: unknown). The recent passes set its level."""
         self._prior = {i + 1: float(v) for i, v in enumerate(table_s) if v > 0.0}
         self.version += 1
 
     # ----------------------------------------------------------------- outputs
     def level(self) -> float:
-        """Observed over prior: the median, over the sizes that have both, of the observed
-        median over the prior (1.0 when no size has both)."""
+        """Observed over prior: the median ratio over the last ``window`` passes whose size
+        the prior has (1.0 when there are none)."""
         if self._level[0] != self.version:
-            ratios = [
-                statistics.median(obs) / self._prior[size]
-                for size, obs in self._obs.items()
-                if obs and size in self._prior
-            ]
+            ratios = [s / self._prior[n] for n, s in self._recent if n in self._prior]
             self._level = (self.version, float(statistics.median(ratios)) if ratios else 1.0)
         return self._level[1]
 
     def measured(self, size: int) -> float | None:
-        """The estimate at exactly ``size`` (observations, else the prior at the observed
-        level), if any."""
-        obs = self._obs.get(size)
-        if obs:
-            return float(statistics.median(obs))
+        """The estimate at exactly ``size`` (the prior at the observed level, else the
+        observations of that size), if any."""
         prior = self._prior.get(size)
-        return prior * self.level() if prior is not None else None
+        if prior is not None:
+            return prior * self.level()
+        obs = self._obs.get(size)
+        return float(statistics.median(obs)) if obs else None
 
     @property
     def known(self) -> bool:
@@ -111,6 +116,15 @@ class PassCostCurve:
             return self.measured(above[0]) or 0.0
         top = sizes[-1]
         return (self.measured(top) or 0.0) * size / top
+
+    def estimates(self) -> list[float]:
+        """What a peer is told: ``measured`` for sizes 1 .. the largest known, 0.0 where a
+        size is not known. The conservative fill of ``cost`` stays out, so that a peer that
+        scales this table by its own observations scales measurements only."""
+        sizes = self.sizes()
+        if not sizes:
+            return []
+        return [self.measured(n) or 0.0 for n in range(1, min(sizes[-1], self.max_size) + 1)]
 
     def table(self, upto: int | None = None) -> list[float]:
         """Costs (seconds) of passes of 1 .. ``upto`` tokens; empty when nothing is known."""

@@ -792,7 +792,7 @@ class SpecDecoder:
         behind = ledger.committed_len - 1 - self.drafter.model.kv_len
         costs, prefill_s = self.link.pass_costs(), self.drafter.live_costs[1]
         step = PREFILL_CHUNK
-        if costs and prefill_s > 0:
+        if costs and costs[0] > 0 and prefill_s > 0:
             step = max(1, int(SHADOW_SHARE * costs[0] / prefill_s))
         if behind > step:
             # Catch up first (the prompt's rest, if the first token came before the drafter

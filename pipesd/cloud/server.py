@@ -384,8 +384,9 @@ class CloudServer:
             self.pool.release(target)
 
     def cost_table_ms(self) -> list[float]:
-        """The pass-cost table as it travels: ms for passes of 1..32 tokens (empty: none)."""
-        return [1000.0 * v for v in self.costs.table()]
+        """The pass-cost table as it travels: ms for passes of 1, 2, ... tokens, 0 for a size
+        not measured (empty: none)."""
+        return [1000.0 * v for v in self.costs.estimates()]
 
     async def compute(self, fn: Callable[..., T], *args: Any) -> T:
         """Runs a forward pass on the target's worker thread."""

@@ -258,10 +258,45 @@ def test_cost_curve_is_robust_and_conservative() -> None:
     assert c.cost(1) == c.cost(3) == pytest.approx(0.10)  # the nearest measured size above
     assert c.cost(6) == pytest.approx(0.2)
     assert c.cost(16) == pytest.approx(0.4)  # above the largest: linear
+    # A peer is told the measured sizes only: it scales them by its own observations.
+    assert c.estimates() == pytest.approx([0, 0, 0, 0.10, 0, 0, 0, 0.2])
     c.set_prior([0.05] * 32)
-    # Observed sizes 4 and 8 run 2x and 4x their prior: the others are scaled by the median.
-    assert c.level() == pytest.approx(3.0)
-    assert c.cost(1) == pytest.approx(0.15) and c.cost(4) == pytest.approx(0.10)
+    # The last 5 passes ran at 2.2, 100, 1.8, 2 and 4 times their prior: the median scales
+    # the whole prior, observed sizes included, and the outlier moves nothing.
+    assert c.level() == pytest.approx(2.2)
+    assert c.cost(1) == c.cost(4) == c.cost(32) == pytest.approx(0.11)
+    c.set_prior([0.05] * 4)  # sizes the prior lacks keep their own observations
+    assert c.cost(8) == pytest.approx(0.2) and c.cost(4) == pytest.approx(0.105)
+
+
+def test_passes_observed_at_long_contexts_keep_the_calibrated_shape() -> None:
+    """What auto's decision log showed on the Q4_K_M target in s1 at 4252c7e: the target
+    decoding alone at HumanEval contexts observed V(1) 45% over its calibration, while the
+    only larger pass observed (a warm-up window of 5) ran at 0.81 of it. Per-size medians
+    then gave V(2)/V(1) = 1.35 where the calibration says 1.9, and speculation's hopeful rate
+    reached the rate alone. One level keeps every ratio of the calibrated curve."""
+    q4 = [57, 108, 232, 240, 301, 350, 330, 600] + [700] * 8 + [900] * 16
+    c = PassCostCurve()
+    c.set_prior([v * MS for v in q4])
+    c.observe(5, 244 * MS)
+    for _ in range(8):
+        c.observe(1, 1.45 * q4[0] * MS)
+    assert c.level() == pytest.approx(1.45)
+    for n in range(1, 9):
+        assert c.cost(n) / c.cost(1) == pytest.approx(q4[n - 1] / q4[0])
+    p = AutoPolicy()
+    p.bind(pass_costs=lambda: [v * MS for v in q4], overlap=True, draft_s=30 * MS,
+           draft_prefill_s=9 * MS)  # fmt: skip
+    p.monitor.rtt_s.append(0.04)
+    p.on_pass(5, 244 * MS)
+    for _ in range(8):
+        p.on_pass(1, 1.45 * q4[0] * MS)
+    model = p.cycle_model()
+    assert model is not None
+    # Per-size medians would have given V(2) 122 ms and V(5) 244 ms beside V(1) 83 ms: a
+    # hopeful 12.3 tokens/s against 12.1 alone, and the first decision would speculate.
+    assert p.hopeful_rate(model) < 0.8 * alone_rate(model)
+    assert p.decode_alone(budget=96, behind=0) > 0
 
 
 def test_a_slower_target_slows_its_whole_curve() -> None:
