@@ -36,11 +36,11 @@ speculate it sent 21% of the tokens to the target alone on replayed F16 traces a
 rate(n*) at a_bar + 0.15 would pay; with 1-15 guesses, rate(n*) at their acceptance (a_bar
 counting as 4 of them) decides. Otherwise the target decodes alone for a block of tokens
 and the rule is asked again; coming back from the target alone needs a predicted gain of 10%
-(no flapping on noise). Through a network the idle edge guesses each token decoded alone
-with the drafter when a guess costs under 30% of the cloud's step, which keeps it caught up
-and the trace fresh; otherwise one probe window refreshes them after each block, provided
-speculation would pay at a_bar + 0.15, and the block doubles (8 .. 64 tokens) while probes
-keep confirming.
+(no flapping on noise), staying with speculation only that it pays. Through a network the
+idle edge guesses each token decoded alone with the drafter when a guess costs under 30% of
+the cloud's step, which keeps it caught up and the trace fresh; otherwise one probe window
+refreshes them after each block, provided speculation would pay at a_bar + 0.15, and the
+block doubles (8 .. 64 tokens) while probes keep confirming.
 
 The pipeline is PipeSD's: the DP plans how the window is streamed and the edge drafts during
 verification.
@@ -222,6 +222,7 @@ class AutoPolicy(PipeSDPolicy):
         # shadow guesses, for the replay that says whether speculation pays.
         self.trace: collections.deque[tuple[float, bool]] = collections.deque(maxlen=TRACE_LEN)
         self.alone_blocks = 0  # blocks decoded by the target alone (statistics)
+        self._alone_last = False  # the last decision between windows left the target alone
         self.decisions = 0
         # What each decision between windows saw and chose (for reading a run afterwards).
         self.decision_log: list[dict[str, object]] = []
@@ -371,8 +372,9 @@ class AutoPolicy(PipeSDPolicy):
         catch_up = behind * self.draft_prefill_s
 
         def pays(spec: float) -> bool:
-            # Back from the target alone only by a margin, so that noise cannot flap it.
-            margin = SWITCH_MARGIN if self.alone_blocks else 1.0
+            # Back from the target alone only by a margin, so that noise cannot flap it;
+            # staying with speculation needs only that it pays.
+            margin = SWITCH_MARGIN if self._alone_last else 1.0
             return spec > 0 and catch_up + budget / spec < budget / alone / margin
 
         spec = self.speculation_rate(model)
@@ -386,7 +388,7 @@ class AutoPolicy(PipeSDPolicy):
                 "level": self.curve.level(), "alone_blocks": self.alone_blocks,
             })  # fmt: skip
         if pays(spec):
-            self.block, self._probe_next = MIN_BLOCK, False
+            self.block, self._probe_next, self._alone_last = MIN_BLOCK, False, False
             return 0
         shadowed, self._shadowed = self._shadowed, False
         if shadowed:  # the estimates stayed fresh while the target decoded alone
@@ -396,10 +398,12 @@ class AutoPolicy(PipeSDPolicy):
             # not make speculation pay (then a probe could only cost time).
             self._probe_next = False
             if pays(self.hopeful_rate(model)):
+                self._alone_last = False
                 return 0
         tokens = min(self.block, budget)
         if not shadowed:
             self.block = min(2 * self.block, MAX_BLOCK)
             self._probe_next = True
         self.alone_blocks += 1
+        self._alone_last = True
         return tokens

@@ -330,6 +330,38 @@ def test_a_slower_target_slows_its_whole_curve() -> None:
     assert p.hopeful_rate(model) < alone_rate(model)
 
 
+def test_the_switch_margin_is_asked_only_of_coming_back() -> None:
+    """Leaving the target alone for speculation needs a predicted gain of SWITCH_MARGIN;
+    staying with speculation needs only that it pays. With the margin asked both ways, an
+    F16 GSM8K run in s1 went back alone after one window predicted at 1.04x the rate alone
+    and decoded 56 of 96 tokens alone (1.01x target-only; its other repeat ran 1.23x)."""
+
+    class Predicted(AutoPolicy):
+        """auto with the predicted speculation rate set by the test, as a share of alone."""
+
+        share = 0.5
+
+        def speculation_rate(self, model: CycleModel) -> float:
+            return self.share * alone_rate(model)
+
+        def hopeful_rate(self, model: CycleModel) -> float:
+            return self.share * alone_rate(model)
+
+    f16 = [158, 291, 311, 340, 344, 362, 509, 561] + [600] * 8 + [700] * 16
+    p = Predicted()
+    p.bind(pass_costs=lambda: [v * MS for v in f16], overlap=True, draft_s=31 * MS,
+           draft_prefill_s=9 * MS)  # fmt: skip
+    p.monitor.rtt_s.append(0.041)
+    decide = [p.decode_alone(budget=96, behind=0)]
+    for share in (1.05, 1.2, 1.04, 1.01, 0.97, 1.05):
+        p.share = share
+        decide.append(p.decode_alone(budget=96, behind=0))
+    alone = [n > 0 for n in decide]
+    # alone; 1.05 is not enough to come back; 1.2 is; 1.04 and 1.01 keep speculating;
+    # 0.97 goes alone; 1.05 does not bring it back.
+    assert alone == [True, True, False, False, False, True, True], decide
+
+
 def test_auto_is_lossless_and_chooses_by_cost(smollm_path: Path, mild_draft: Path) -> None:
     """smollm2 drafting for itself costs as much per token as the target: with the measured
     curve, auto lets the target decode alone; with no curve known it speculates (a window of
