@@ -142,7 +142,9 @@ class Generator:
             costs are learnt from the passes run.
         acceptance: the draft/target pair's acceptance calibration that ``auto`` starts from:
             an ``AcceptanceModel``, a file written by ``pipesd tune``, or None for
-            ``$PIPESD_HOME/acceptance.json`` if present.
+            ``$PIPESD_HOME/acceptance.json`` if present (else an empty one). ``auto`` learns
+            it in place, so each sequence starts from what the Generator's earlier ones
+            learnt (``Generator.acceptance``; the file is not written).
     """
 
     def __init__(
@@ -170,7 +172,7 @@ class Generator:
         self.policy_name = policy
         self.draft_len = draft_len
         self.thresholds = resolve_thresholds(thresholds)
-        self.acceptance = resolve_acceptance(acceptance)
+        self.acceptance = resolve_acceptance(acceptance) or AcceptanceModel()
         self.retuner: OnlineRetuner | None = None
         if retune_drift is not None:
             from pipesd.tune import OnlineRetuner

@@ -72,7 +72,10 @@ def main() -> int:
         for policy, index, repeat in job["todo"]:
             rule: Any = policy
             if policy not in ("target-only", "draft-only"):
-                rule = make_policy(policy, draft_len=draft_len, thresholds=thresholds, task=task)
+                # auto learns the pair's acceptance across the worker's runs, as it does
+                # across a Generator's sequences.
+                rule = make_policy(policy, draft_len=draft_len, thresholds=thresholds, task=task,
+                                   acceptance=gen.acceptance)  # fmt: skip
             trace: list[tuple[str, float, float]] | None = None
             if policy in job["trace_policies"] and policy not in traced:
                 trace = []

@@ -184,7 +184,9 @@ class AutoPolicy(PipeSDPolicy):
     """Cost-aware speculation over PipeSD's pipeline (module docstring: the rule).
 
     Args:
-        acceptance: the calibration to start from (a copy is learnt online).
+        acceptance: the calibration to start from, learnt in place from every verdict and
+            guess (a Generator passes its own, so what one sequence learnt serves the next;
+            pass a copy to keep one unchanged). None: a fresh one.
         fallback_len: drafts per window while the pass curve is still unknown.
     """
 
@@ -201,7 +203,7 @@ class AutoPolicy(PipeSDPolicy):
         self._wait_limit = wait_drafts
         super().__init__(name="auto", trigger="fixed", fixed_len=fallback_len,
                          max_window=max_window, wait_drafts=wait_drafts)  # fmt: skip
-        self.acceptance = acceptance.copy() if acceptance is not None else AcceptanceModel()
+        self.acceptance = acceptance if acceptance is not None else AcceptanceModel()
         self.curve = PassCostCurve()
         self.fallback_len = fallback_len
         self.ewma = ewma

@@ -388,6 +388,27 @@ def test_auto_is_lossless_and_chooses_by_cost(smollm_path: Path, mild_draft: Pat
             assert res.stats.verifications >= 1 and res.stats.alone_tokens > 0
 
 
+def test_a_generator_carries_the_learnt_acceptance_to_its_next_sequence(
+    smollm_path: Path, mild_draft: Path
+) -> None:
+    """auto learns the pair's acceptance into the Generator's calibration, so a sequence
+    starts from what the earlier ones learnt: a_bar at the learnt rate, not at 0.75, and the
+    bins' estimates the verdicts gave. (Each sequence used to start from a copy of the
+    seed: on the F16 target in s1 every bench run opened with 8-16 tokens alone, a_bar having
+    fallen to 0.70 on the prior's bin centres where the pair accepts 0.8-0.9.)"""
+    with Generator(draft=str(mild_draft), target=str(smollm_path), n_ctx=1024,
+                   calibrate=False, acceptance=AcceptanceModel()) as gen:  # fmt: skip
+        assert gen.acceptance.observations == 0
+        first = gen.generate("def fizzbuzz(n):\n", max_new_tokens=24)
+        assert first.stats.policy == "auto" and first.stats.verifications >= 1
+        seen = gen.acceptance.observations
+        assert seen >= 1
+        rate = gen.acceptance.mean_rate()
+        assert rate is not None and AutoPolicy(acceptance=gen.acceptance).future == rate
+        second = gen.generate("The three primary colours are", max_new_tokens=24)
+        assert second.stats.verifications >= 1 and gen.acceptance.observations > seen
+
+
 SLOWED_DRAFTER = """
 import sys
 from pipesd._core import SpeculationLedger
