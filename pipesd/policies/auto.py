@@ -34,13 +34,14 @@ drafts and its start (0.75) sits at break-even on the F16 target: as the test of
 speculate it sent 21% of the tokens to the target alone on replayed F16 traces and lost 11%
 (bench/bench_replay.py, docs/policies.md). Before any guess is seen, a window is tried if
 rate(n*) at a_bar + 0.15 would pay; with 1-15 guesses, rate(n*) at their acceptance (a_bar
-counting as 4 of them) decides. Otherwise the target decodes alone for a block of tokens
-and the rule is asked again; coming back from the target alone needs a predicted gain of 10%
-(no flapping on noise), staying with speculation only that it pays. Through a network the
-idle edge guesses each token decoded alone with the drafter when a guess costs under 30% of
-the cloud's step, which keeps it caught up and the trace fresh; otherwise one probe window
-refreshes them after each block, provided speculation would pay at a_bar + 0.15, and the
-block doubles (8 .. 64 tokens) while probes keep confirming.
+counting as 4 of them, up to 16 once the calibration has judged 64 drafts) decides.
+Otherwise the target decodes alone for a block of tokens and the rule is asked again; coming
+back from the target alone needs a predicted gain of 10% (no flapping on noise), staying
+with speculation only that it pays. Through a network the idle edge guesses each token
+decoded alone with the drafter when a guess costs under 30% of the cloud's step, which keeps
+it caught up and the trace fresh; otherwise one probe window refreshes them after each
+block, provided speculation would pay at a_bar + 0.15, and the block doubles (8 .. 64
+tokens) while probes keep confirming.
 
 The pipeline is PipeSD's: the DP plans how the window is streamed and the edge drafts during
 verification.
@@ -74,8 +75,11 @@ OPTIMISM = 0.15
 SHADOW_FRACTION = 0.3
 #: Guesses along the sequence kept for the replay, and the fewest the replay needs.
 TRACE_LEN, TRACE_MIN = 64, 16
-#: With fewer guesses than TRACE_MIN, a_bar weighs as this many guesses beside the ones seen.
-PRIOR_GUESSES = 4
+#: With fewer guesses than TRACE_MIN, a_bar weighs as PRIOR_GUESSES guesses beside the ones
+#: seen, rising to TRACE_MIN as the calibration has judged up to LEARNT_DRAFTS drafts of the
+#: pair (from earlier sequences or a file): a_bar then says what this pair accepts, not what
+#: the bins' prior guesses.
+PRIOR_GUESSES, LEARNT_DRAFTS = 4, 64
 #: Decisions between windows kept in ``decision_log`` (per policy object; the bench makes one
 #: per run).
 LOG_LEN = 256
@@ -235,6 +239,10 @@ class AutoPolicy(PipeSDPolicy):
         self._link_costs = pass_costs
         self.overlap = overlap
         self.draft_s, self.draft_prefill_s = draft_s, draft_prefill_s
+        if self.monitor.gamma_s == 0.0 and draft_s > 0:
+            # The moving average starts from the measured cost rather than from the first
+            # draft's time alone.
+            self.monitor.gamma_s = draft_s
         self._refresh_costs()
 
     def on_draft_costs(self, draft_s: float, prefill_s: float) -> None:
@@ -335,11 +343,17 @@ class AutoPolicy(PipeSDPolicy):
         """rate(n*) at an optimistic a_bar: could a window pay at all?"""
         return best_window([], min(0.99, self.future + OPTIMISM), model, self.max_window)[1]
 
+    def prior_weight(self) -> float:
+        """How many guesses a_bar counts as beside this sequence's own."""
+        learnt = min(1.0, self.acceptance.observations / LEARNT_DRAFTS)
+        return PRIOR_GUESSES + (TRACE_MIN - PRIOR_GUESSES) * learnt
+
     def evidence_rate(self, model: CycleModel) -> float:
         """rate(n*) at the acceptance the guesses of this sequence show so far, a_bar counting
-        as PRIOR_GUESSES guesses beside them."""
+        as ``prior_weight()`` guesses beside them."""
         hits = sum(1 for _, right in self.trace if right)
-        a = (PRIOR_GUESSES * self.future + hits) / (PRIOR_GUESSES + len(self.trace))
+        w = self.prior_weight()
+        a = (w * self.future + hits) / (w + len(self.trace))
         return best_window([], min(0.99, a), model, self.max_window)[1]
 
     def speculation_rate(self, model: CycleModel) -> float:

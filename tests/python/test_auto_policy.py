@@ -269,6 +269,44 @@ def test_cost_curve_is_robust_and_conservative() -> None:
     assert c.cost(8) == pytest.approx(0.2) and c.cost(4) == pytest.approx(0.105)
 
 
+def test_a_learnt_calibration_outweighs_one_bad_first_window() -> None:
+    """With a calibration that has judged 64 drafts of the pair or more (earlier sequences of
+    the Generator, or pipesd tune's file), a_bar weighs as TRACE_MIN guesses beside the
+    sequence's own; with one that has seen nothing, as 4. On this machine's F16 curve, a
+    first window of two drafts with one rejected then keeps speculating at a_bar 0.85
+    (7.4 tokens/s against 6.3 alone) where the unlearnt weight sends the target alone (6.2)."""
+    f16 = [158, 291, 311, 340, 344, 362, 509, 561] + [600] * 8 + [700] * 16
+
+    def after_one_bad_window(calibration: AcceptanceModel) -> AutoPolicy:
+        p = AutoPolicy(acceptance=calibration)
+        p.bind(pass_costs=lambda: [v * MS for v in f16], overlap=True, draft_s=31 * MS,
+               draft_prefill_s=9 * MS)  # fmt: skip
+        p.monitor.on_rtt(0.041)
+        # gamma's moving average starts from the measured draft cost, not the first draft.
+        assert p.monitor.gamma_s == pytest.approx(31 * MS)
+        p.on_draft_time(60 * MS)
+        assert p.monitor.gamma_s == pytest.approx((0.8 * 31 + 0.2 * 60) * MS)
+        assert p.decode_alone(budget=96, behind=0) == 0
+        p.begin()
+        for i in range(2):
+            p.should_verify(i + 1, DraftToken(token=1, confidence=0.85, dist=None))
+        p.on_submit(2)
+        p.on_verdict(Verdict(epoch=0, start=0, drafted=2, accepted=1, next_token=1,
+                             verify_s=f16[2] * MS))  # fmt: skip
+        p.future = 0.85
+        return p
+
+    learnt = AcceptanceModel()
+    for i in range(100):
+        learnt.observe(0.85, i % 20 < 17)
+    sure = after_one_bad_window(learnt)
+    assert sure.prior_weight() == TRACE_MIN
+    assert sure.decode_alone(budget=93, behind=0) == 0
+    unsure = after_one_bad_window(AcceptanceModel())
+    assert unsure.prior_weight() < 5
+    assert unsure.decode_alone(budget=93, behind=0) > 0
+
+
 def test_passes_observed_at_long_contexts_keep_the_calibrated_shape() -> None:
     """What auto's decision log showed on the Q4_K_M target in s1 at 4252c7e: the target
     decoding alone at HumanEval contexts observed V(1) 45% over its calibration, while the
