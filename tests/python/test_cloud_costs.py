@@ -69,7 +69,9 @@ def test_hello_ok_carries_the_calibrated_table_and_costs_refresh_it(
         # The passes served taught the cloud a curve, which it sent in COSTS frames.
         assert gen.cloud.costs_updates >= 1
         table = gen.cloud.pass_costs()
-        assert len(table) == 32 and table[3] > 0  # passes of 4: 3 drafts and the last
+        # Passes of 4 (3 drafts and the last) were served; the cloud tells the sizes it
+        # measured, 0 for the others, up to the largest it served.
+        assert len(table) >= 4 and table[3] > 0 and all(v >= 0 for v in table), table
 
 
 def test_a_version_1_edge_is_refused_with_one_line(smollm_path: Path, tmp_path: Path) -> None:
