@@ -32,6 +32,9 @@ log = logging.getLogger("pipesd.costs")
 CALIBRATED_SIZES = 32
 #: Tokens of synthetic context before the timed passes (a short prompt's worth).
 CALIBRATION_CONTEXT = 64
+#: The sizes windows are made of (1 .. SHAPE_SIZES) are timed this many times at calibration
+#: (the median kept): their ratios are the shape every estimate scales.
+SHAPE_SIZES, SHAPE_REPEATS = 8, 3
 
 
 class PassCostCurve:
@@ -158,10 +161,17 @@ def measure_curve(
     sizes: Sequence[int] = tuple(range(1, CALIBRATED_SIZES + 1)),
     context: int = CALIBRATION_CONTEXT,
     repeats: int = 1,
+    shape_repeats: int = SHAPE_REPEATS,
     progress: bool = False,
 ) -> list[float]:
-    """Times one pass of each size after a synthetic context; returns seconds per size
-    (median of ``repeats``). The target's KV cache is empty afterwards."""
+    """Times passes of each size after a synthetic context; returns seconds per size: the
+    median of ``repeats`` passes, of ``max(repeats, shape_repeats)`` for sizes up to
+    SHAPE_SIZES. Sizes are timed round-robin, so that a change of load spreads over the whole
+    curve instead of bending part of it. The target's KV cache is empty afterwards."""
+
+    def times_of(n: int) -> int:
+        return max(repeats, shape_repeats) if n <= SHAPE_SIZES else repeats
+
     ids = [(7919 * i + 13) % vocab_size for i in range(context + max(sizes) + 1)]
     target.truncate(0)
     target.decode(ids[:context], all_logits=False)
@@ -171,21 +181,22 @@ def measure_curve(
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(sizes) * repeats, desc="calibrating verification cost",
+        bar = tqdm(total=sum(times_of(n) for n in sizes), desc="calibrating verification cost",
                    unit="pass", file=sys.stderr, leave=False)  # fmt: skip
-    out: list[float] = []
+    samples: dict[int, list[float]] = {n: [] for n in sizes}
     try:
-        for n in sizes:
-            times = []
-            for _ in range(repeats):
+        for r in range(max(times_of(n) for n in sizes)):
+            for n in sizes:
+                if r >= times_of(n):
+                    continue
                 t0 = time.perf_counter()
                 # As a greedy verification runs it: every row scored, argmax read in place.
                 target.decode_argmax(ids[context : context + n], all_rows=True)
-                times.append(time.perf_counter() - t0)
+                samples[n].append(time.perf_counter() - t0)
                 target.truncate(context)
                 if bar is not None:
                     bar.update(1)
-            out.append(float(statistics.median(times)))
+        out = [float(statistics.median(samples[n])) for n in sizes]
     finally:
         if bar is not None:
             bar.close()
@@ -202,7 +213,8 @@ def _is_temporary(path: Path) -> bool:
 def calibration_key(path: Path, *, backend: str, device: str, threads: int | None) -> str:
     """Identifies a calibration: the model file (path, size, mtime) and how it runs."""
     st = path.stat()
-    ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{backend}|{device}|{threads}"
+    # "shape3": sizes 1..8 timed 3 times (tables measured before are measured again).
+    ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{backend}|{device}|{threads}|shape3"
     return hashlib.sha256(ident.encode()).hexdigest()[:24]
 
 

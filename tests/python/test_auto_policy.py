@@ -16,7 +16,7 @@ from conftest import check_lossless
 
 from pipesd import Generator
 from pipesd.cloud.verifier import Verdict
-from pipesd.costs import PassCostCurve
+from pipesd.costs import SHAPE_REPEATS, SHAPE_SIZES, PassCostCurve, measure_curve
 from pipesd.edge.drafter import DraftToken
 from pipesd.policies.auto import (
     TRACE_MIN,
@@ -335,6 +335,33 @@ def test_passes_observed_at_long_contexts_keep_the_calibrated_shape() -> None:
     # hopeful 12.3 tokens/s against 12.1 alone, and the first decision would speculate.
     assert p.hopeful_rate(model) < 0.8 * alone_rate(model)
     assert p.decode_alone(budget=96, behind=0) > 0
+
+
+def test_calibration_times_the_window_sizes_three_times_round_robin() -> None:
+    """The calibration is the shape every estimate scales, so the sizes windows are made of
+    are timed SHAPE_REPEATS times (the median kept), round-robin over the sizes."""
+
+    class Counting:
+        """A target that records the size of each timed pass (a stand-in for the model)."""
+
+        def __init__(self) -> None:
+            self.kv_len, self.passes = 0, []
+
+        def decode(self, tokens: list[int], *, all_logits: bool) -> None:
+            self.kv_len += len(tokens)
+
+        def decode_argmax(self, tokens: list[int], *, all_rows: bool) -> None:
+            self.passes.append(len(tokens))
+            self.kv_len += len(tokens)
+
+        def truncate(self, n: int) -> None:
+            self.kv_len = n
+
+    t = Counting()
+    table = measure_curve(t, 1000, sizes=range(1, 11), context=8)
+    assert len(table) == 10 and all(v > 0 for v in table)
+    assert t.passes == list(range(1, 11)) + list(range(1, SHAPE_SIZES + 1)) * (SHAPE_REPEATS - 1)
+    assert t.kv_len == 0
 
 
 def test_a_slower_target_slows_its_whole_curve() -> None:

@@ -52,8 +52,11 @@ def test_hello_ok_carries_the_calibrated_table_and_costs_refresh_it(
         assert gen.cloud is not None
         table = gen.cloud.pass_costs()
         assert len(table) == 32 and all(v > 0 for v in table)
-        stored = [json.loads(p.read_text()) for p in
-                      (Path.home() / ".cache/pipesd/costs").glob("*.json")]  # fmt: skip
+        # The newest stored calibration of this file (older ones may be left by earlier
+        # calibration methods, whose keys differ).
+        files = sorted((Path.home() / ".cache/pipesd/costs").glob("*.json"),
+                       key=lambda p: p.stat().st_mtime, reverse=True)  # fmt: skip
+        stored = [json.loads(p.read_text()) for p in files]
         calibrated = next(d["verify_s"] for d in stored
                               if d.get("model") == str(smollm_path)
                               and d.get("backend") == "llama.cpp")  # fmt: skip
