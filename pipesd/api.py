@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
@@ -37,13 +38,19 @@ from pipesd.errors import ModelError, TokenizerMismatchError
 from pipesd.llama_backend import LlamaCppModel, tokenizer_fingerprint
 from pipesd.policies import POLICIES, make_policy
 from pipesd.policies.base import DraftPolicy
-from pipesd.policies.calibration import AcceptanceModel, resolve_acceptance
+from pipesd.policies.calibration import (
+    AcceptanceModel,
+    learnt_acceptance_path,
+    resolve_acceptance,
+)
 from pipesd.policies.pipesd import PipeSDPolicy, Thresholds, resolve_thresholds
 from pipesd.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from pipesd.edge.client import CloudLink
     from pipesd.tune import OnlineRetuner
+
+log = logging.getLogger(__name__)
 
 
 def hf_token_texts(directory: Path) -> list[bytes]:
@@ -141,10 +148,13 @@ class Generator:
             ``$PIPESD_HOME/costs``); ``auto`` chooses its windows from it. Without it the
             costs are learnt from the passes run.
         acceptance: the draft/target pair's acceptance calibration that ``auto`` starts from:
-            an ``AcceptanceModel``, a file written by ``pipesd tune``, or None for
-            ``$PIPESD_HOME/acceptance.json`` if present (else an empty one). ``auto`` learns
-            it in place, so each sequence starts from what the Generator's earlier ones
-            learnt (``Generator.acceptance``; the file is not written).
+            an ``AcceptanceModel`` or a file written by ``pipesd tune`` (read, never
+            written), or None: what earlier Generators learnt of this pair
+            (``$PIPESD_HOME/acceptance/KEY.json``, each bin weighed as at most 64 drafts),
+            else ``$PIPESD_HOME/acceptance.json`` if present, else an empty one. ``auto``
+            learns it in place, so each sequence starts from what the Generator's earlier
+            ones learnt (``Generator.acceptance``); with None, what it learnt is written
+            back to the pair's file after every sequence.
     """
 
     def __init__(
@@ -172,7 +182,8 @@ class Generator:
         self.policy_name = policy
         self.draft_len = draft_len
         self.thresholds = resolve_thresholds(thresholds)
-        self.acceptance = resolve_acceptance(acceptance) or AcceptanceModel()
+        # An explicit calibration is read (and a bad file refused) before anything loads.
+        given = resolve_acceptance(acceptance) if acceptance is not None else None
         self.retuner: OnlineRetuner | None = None
         if retune_drift is not None:
             from pipesd.tune import OnlineRetuner
@@ -239,6 +250,19 @@ class Generator:
                 reconnect_timeout=reconnect_timeout,
             )
             self.target_backend = f"cloud {cloud} ({self.cloud.model_fingerprint})"
+        # What this Generator learns of the pair is kept for the next one (acceptance=None).
+        ident = (
+            self.cloud.model_fingerprint if self.cloud is not None
+            else f"{target_path.name}:{chosen}:{device}" if target_path is not None
+            else ""
+        )  # fmt: skip
+        self._learnt = (
+            learnt_acceptance_path(draft_path.name, ident)
+            if acceptance is None and ident and needs_draft
+            else None
+        )
+        self.acceptance = given or resolve_acceptance(None, self._learnt) or AcceptanceModel()
+        self._learnt_seen = self.acceptance.observations
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -332,12 +356,24 @@ class Generator:
                     pieces.append(ev.text)
                     yield ev
             finally:
+                self._keep_learnt()
                 self.lock.release()
 
         def finish() -> GenerationResult:
             return GenerationResult("".join(pieces), tokens, stats, prompt_ids)
 
         return TokenStream(events(), finish)
+
+    def _keep_learnt(self) -> None:
+        """Writes the pair's calibration back if this sequence taught it anything."""
+        seen = self.acceptance.observations
+        if self._learnt is None or seen <= self._learnt_seen:
+            return
+        try:
+            self.acceptance.save(self._learnt)
+        except OSError as e:  # a read-only cache costs the next process its head start only
+            log.debug("could not keep the acceptance calibration in %s: %s", self._learnt, e)
+        self._learnt_seen = seen
 
     def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> GenerationResult:
         """Decodes to the end and returns text, token ids and statistics."""

@@ -4,11 +4,14 @@ Confidences (the draft's probability of its own token) fall into equal bins; eac
 Beta estimate of the acceptance rate whose prior mean is the bin's centre (``prior``
 pseudo-observations). Every verdict adds the window's outcomes in order: the accepted drafts
 as accepted, the first rejected one as rejected; drafts after it were never judged. The table
-is learnt online per session and can be seeded from a file (``pipesd tune`` writes one).
+is learnt online per session and can be seeded from a file (``pipesd tune`` writes one). What a
+``Generator`` learns is also kept per draft/target pair (``learnt_acceptance_path``), so the
+next process using the pair starts from it rather than from the bins' centres.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +27,20 @@ def default_acceptance_path() -> Path:
     from pipesd.models import pipesd_home
 
     return pipesd_home() / "acceptance.json"
+
+
+#: Most judged drafts a bin of a learnt file counts as when it is loaded: the file's shape
+#: seeds a session, and the session's own verdicts still move it within a few windows.
+LEARNT_CAP = 64.0
+
+
+def learnt_acceptance_path(draft: str, target: str) -> Path:
+    """Where a ``Generator`` keeps what it learnt of the pair ``draft`` (the draft file's
+    name) and ``target`` (the target's identity: file, backend, device)."""
+    from pipesd.models import pipesd_home
+
+    key = hashlib.sha256(f"{draft}|{target}".encode()).hexdigest()[:24]
+    return pipesd_home() / "acceptance" / f"{key}.json"
 
 
 class AcceptanceModel:
@@ -104,23 +121,39 @@ class AcceptanceModel:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"acceptance file {path} is not valid: {e}") from None
 
+    def capped(self, trials: float = LEARNT_CAP) -> AcceptanceModel:
+        """A copy whose bins count as at most ``trials`` judged drafts (and the prior), each
+        bin's rate unchanged."""
+        m = self.copy()
+        for b in range(m.bins):
+            limit = trials + m.prior
+            if m.trials[b] > limit:
+                m.hits[b] *= limit / m.trials[b]
+                m.trials[b] = limit
+        return m
+
     def copy(self) -> AcceptanceModel:
         return AcceptanceModel.from_dict(self.to_dict())
 
 
-def resolve_acceptance(value: AcceptanceModel | str | Path | None) -> AcceptanceModel | None:
-    """An AcceptanceModel, a file path, or None: the default file if present, else None."""
+def resolve_acceptance(
+    value: AcceptanceModel | str | Path | None, learnt: Path | None = None
+) -> AcceptanceModel | None:
+    """An AcceptanceModel, a file path, or None: then the pair's ``learnt`` file if given and
+    present (capped at ``LEARNT_CAP`` per bin), else the default file if present, else None."""
     if isinstance(value, AcceptanceModel):
         return value
     if value is not None:
         return AcceptanceModel.load(value)
-    path = default_acceptance_path()
-    if not path.is_file():
-        return None
-    try:
-        return AcceptanceModel.load(path)
-    except ValueError:
-        return None  # a damaged default is ignored; an explicit file is an error
+    for path, cap in ((learnt, True), (default_acceptance_path(), False)):
+        if path is None or not path.is_file():
+            continue
+        try:
+            model = AcceptanceModel.load(path)
+        except ValueError:
+            continue  # a damaged default is ignored; an explicit file is an error
+        return model.capped() if cap else model
+    return None
 
 
 def calibration_policy(model: AcceptanceModel, draft_len: int = 8) -> Any:

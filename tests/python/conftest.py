@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,29 @@ from pipesd import bench, models
 from pipesd.cloud.weights import read_gguf
 
 F32 = 0  # ggml type id of float32 tensors
+
+#: What the test session shares with the user's cache: fetched models, measured costs and
+#: dequantised torch weights (expensive to make, the same for every test).
+SHARED_CACHE = ("models", "costs", "torch-cache")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A $PIPESD_HOME for the session (child processes inherit it) linking the user's models,
+    costs and torch cache, so what a Generator learns of a pair (``acceptance/``) and files a
+    test writes there start empty and never reach the user's cache."""
+    real = models.pipesd_home()
+    home = tmp_path_factory.mktemp("pipesd-home")
+    for name in SHARED_CACHE:
+        (real / name).mkdir(parents=True, exist_ok=True)
+        (home / name).symlink_to(real / name, target_is_directory=True)
+    before = os.environ.get("PIPESD_HOME")
+    os.environ["PIPESD_HOME"] = str(home)
+    yield home
+    if before is None:
+        os.environ.pop("PIPESD_HOME", None)
+    else:
+        os.environ["PIPESD_HOME"] = before
 
 
 def perturbed_copy(src: Path, dest: Path, *, sigma: float, seed: int) -> Path:

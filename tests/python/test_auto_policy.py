@@ -28,7 +28,14 @@ from pipesd.policies.auto import (
     replay_rate,
     window_rate,
 )
-from pipesd.policies.calibration import AcceptanceModel
+from pipesd.policies.calibration import (
+    LEARNT_CAP,
+    AcceptanceModel,
+    calibration_policy,
+    default_acceptance_path,
+    learnt_acceptance_path,
+    resolve_acceptance,
+)
 
 MS = 1e-3
 # One verification pass of m tokens, seconds: the CPU staircase measured on the Q4_K_M 1.5B
@@ -246,6 +253,68 @@ def test_acceptance_learns_and_round_trips(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text('{"bins": 2, "prior": 1, "hits": [3], "trials": [1]}')
     with pytest.raises(ValueError, match="not valid"):
         AcceptanceModel.load(tmp_path / "bad.json")
+
+
+def test_a_learnt_file_seeds_at_most_its_cap_per_bin(tmp_path: Path, monkeypatch) -> None:
+    """A pair's learnt file is read before the default file, each bin weighed as at most
+    LEARNT_CAP judged drafts at its own rate; a damaged learnt file falls through."""
+    monkeypatch.setenv("PIPESD_HOME", str(tmp_path))
+    m = AcceptanceModel()
+    for _ in range(200):
+        m.update([0.95], 1)  # 200 accepted in the top bin
+    m.update([0.55], 0)  # one rejected in the 0.5-0.6 bin
+    learnt = learnt_acceptance_path("d.gguf", "t.gguf:llama.cpp:cpu")
+    assert learnt.parent == tmp_path / "acceptance"
+    assert learnt != learnt_acceptance_path("d.gguf", "t-f16.gguf:llama.cpp:cpu")
+    m.save(learnt)
+    AcceptanceModel().save(default_acceptance_path())
+    got = resolve_acceptance(None, learnt)
+    assert got is not None
+    assert got.trials[9] == pytest.approx(LEARNT_CAP + got.prior)
+    assert got.prob(0.95) == pytest.approx(m.prob(0.95))
+    assert got.trials[5] == m.trials[5] and got.prob(0.55) == m.prob(0.55)  # under the cap
+    assert got.observations == pytest.approx(LEARNT_CAP + 1)
+    learnt.write_text("{")
+    fallback = resolve_acceptance(None, learnt)
+    assert fallback is not None and fallback.observations == 0  # the default file
+    assert resolve_acceptance(None, tmp_path / "absent.json").observations == 0
+
+
+def test_generators_of_a_pair_start_from_what_the_last_one_learnt(
+    smollm_path: Path, mild_draft: Path, session_home: Path, tmp_path: Path
+) -> None:
+    """auto's calibration outlives the Generator: written after each sequence to the pair's
+    file, read by the next Generator of the pair (the next `pipesd generate`); a calibration
+    given explicitly is read only."""
+    kw = {"draft": str(mild_draft), "target": str(smollm_path), "n_ctx": 512}
+    with Generator(**kw) as gen:
+        learnt = gen._learnt
+        assert learnt is not None and learnt.parent == session_home / "acceptance"
+        learnt.unlink(missing_ok=True)
+        gen.generate("def add(a, b):\n", max_new_tokens=24, policy="vanilla")
+        assert not learnt.exists()  # vanilla teaches the calibration nothing
+        # What auto learns from its verdicts (here a stop-and-wait window that teaches the same
+        # model: auto itself may decode this cheap local target alone).
+        gen.generate("def add(a, b):\n", max_new_tokens=24,
+                     policy=calibration_policy(gen.acceptance, 4))  # fmt: skip
+        seen = gen.acceptance.observations
+        assert seen >= 1 and learnt.is_file()
+        assert AcceptanceModel.load(learnt).to_dict() == gen.acceptance.to_dict()
+    with Generator(**kw) as again:
+        assert again._learnt == learnt
+        assert again.acceptance.to_dict() == AcceptanceModel.load(learnt).capped().to_dict()
+        assert again.acceptance.observations == pytest.approx(seen)
+    given = tmp_path / "given.json"
+    AcceptanceModel().save(given)
+    with Generator(**kw, acceptance=given) as fixed:
+        assert fixed._learnt is None and fixed.acceptance.observations == 0
+        fixed.generate("def sub(a, b):\n", max_new_tokens=24,
+                       policy=calibration_policy(fixed.acceptance, 4))  # fmt: skip
+        assert fixed.acceptance.observations > 0
+    assert AcceptanceModel.load(given).observations == 0
+    assert AcceptanceModel.load(learnt).observations == pytest.approx(seen)
+    with Generator(**kw, policy="target-only") as alone:  # no draft: nothing to learn
+        assert alone._learnt is None
 
 
 def test_cost_curve_is_robust_and_conservative() -> None:
