@@ -13,7 +13,7 @@ from cloudproc import CloudProcess
 from test_baselines import assert_same_or_tie
 from test_cli_errors import assert_one_error_line, run_cli
 
-from pipesd import Generator
+from pipesd import Generator, models
 from pipesd._core import (
     PROTOCOL_VERSION,
     ErrorCode,
@@ -54,11 +54,11 @@ def test_hello_ok_carries_the_calibrated_table_and_costs_refresh_it(
         assert len(table) == 32 and all(v > 0 for v in table)
         # The newest stored calibration of this file (older ones may be left by earlier
         # calibration methods, whose keys differ).
-        files = sorted((Path.home() / ".cache/pipesd/costs").glob("*.json"),
+        files = sorted((models.pipesd_home() / "costs").glob("*.json"),
                        key=lambda p: p.stat().st_mtime, reverse=True)  # fmt: skip
         stored = [json.loads(p.read_text()) for p in files]
         calibrated = next(d["verify_s"] for d in stored
-                              if d.get("model") == str(smollm_path)
+                              if Path(d.get("model", "")).resolve() == smollm_path.resolve()
                               and d.get("backend") == "llama.cpp")  # fmt: skip
         assert all(abs(a - b) <= 1e-6 * max(1.0, b) for a, b in
                        zip(table, calibrated, strict=True))  # fmt: skip
