@@ -356,8 +356,10 @@ class Generator:
                     pieces.append(ev.text)
                     yield ev
             finally:
-                self._keep_learnt()
-                self.lock.release()
+                try:
+                    self._keep_learnt()
+                finally:
+                    self.lock.release()
 
         def finish() -> GenerationResult:
             return GenerationResult("".join(pieces), tokens, stats, prompt_ids)
