@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -108,7 +110,8 @@ class AcceptanceModel:
     def save(self, path: str | Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        # A name of its own: Generators of one pair in several processes may save at once.
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.write_text(json.dumps(self.to_dict()), encoding="utf-8")
         tmp.replace(path)
 
@@ -125,8 +128,8 @@ class AcceptanceModel:
         """A copy whose bins count as at most ``trials`` judged drafts (and the prior), each
         bin's rate unchanged."""
         m = self.copy()
+        limit = trials + m.prior
         for b in range(m.bins):
-            limit = trials + m.prior
             if m.trials[b] > limit:
                 m.hits[b] *= limit / m.trials[b]
                 m.trials[b] = limit
